@@ -1,0 +1,89 @@
+//! The unit that travels between pipeline tasks.
+
+use std::fmt;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt64Type};
+
+/// Name of the sample-index column that fan-out stages add.
+pub const SAMPLE_COLUMN: &str = "sample";
+
+/// A batch of records plus the records that were rejected on the way.
+///
+/// Rejected records travel with the batch that would have held them, so that
+/// the sink sees every input record exactly once, as a row or as a rejection,
+/// and in input order.
+#[derive(Debug)]
+pub struct Batch {
+    pub data: RecordBatch,
+    pub rejected: Vec<Rejected>,
+    /// Number of source records this batch accounts for: its rows before any
+    /// fan-out, plus its rejections.
+    pub records: usize,
+}
+
+impl Batch {
+    pub fn new(data: RecordBatch, rejected: Vec<Rejected>) -> Self {
+        let records = data.num_rows() + rejected.len();
+        Self { data, rejected, records }
+    }
+}
+
+/// A record that a source or stage could not process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    pub key: String,
+    /// The source or stage that rejected it.
+    pub component: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "record {} rejected by {}: {}", self.key, self.component, self.reason)
+    }
+}
+
+/// Reads record keys from a key column as the bytes the random streams use.
+///
+/// Integer keys are written in decimal and strings as their UTF-8 bytes, so
+/// the ordinal 5 and the id 5 name the same stream.
+pub struct Keys<'a> {
+    column: &'a ArrayRef,
+}
+
+impl<'a> Keys<'a> {
+    pub fn new(batch: &'a RecordBatch, key_column: &str) -> Option<Self> {
+        let column = batch.column_by_name(key_column)?;
+        match column.data_type() {
+            DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8 => {
+                Some(Self { column })
+            }
+            _ => None,
+        }
+    }
+
+    /// Returns the key of row `row`.
+    pub fn get(&self, row: usize) -> String {
+        if self.column.is_null(row) {
+            return String::from("<null>");
+        }
+        match self.column.data_type() {
+            DataType::Int64 => self.column.as_primitive::<Int64Type>().value(row).to_string(),
+            DataType::Int32 => self.column.as_primitive::<Int32Type>().value(row).to_string(),
+            DataType::UInt64 => self.column.as_primitive::<UInt64Type>().value(row).to_string(),
+            DataType::Utf8 => self.column.as_string::<i32>().value(row).to_string(),
+            DataType::LargeUtf8 => self.column.as_string::<i64>().value(row).to_string(),
+            other => unreachable!("key column type {other} is rejected in Keys::new"),
+        }
+    }
+}
+
+/// Returns the sample index of each row: the `sample` column when a fan-out
+/// stage added one, else 0.
+pub fn sample_indices(batch: &RecordBatch) -> Vec<u32> {
+    match batch.column_by_name(SAMPLE_COLUMN) {
+        Some(column) => column.as_primitive::<Int32Type>().values().iter().map(|&s| s as u32).collect(),
+        None => vec![0; batch.num_rows()],
+    }
+}

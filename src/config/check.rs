@@ -1,0 +1,123 @@
+//! Checks of a pipeline file that need neither the model nor the data.
+//! Every problem is collected, so one run of `validate` lists them all.
+
+use std::collections::HashSet;
+
+use super::load::ConfigProblem;
+use super::{PipelineConfig, SinkConfig, SourceConfig, StageConfig};
+
+pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    let mut push = |path: String, message: String| problems.push(ConfigProblem::new(path, message));
+
+    if config.source.batch_size() == 0 {
+        push("source.batch_size".into(), "must be at least 1".into());
+    }
+    if let SourceConfig::ArrowFile(source) = &config.source {
+        for (column, tensor) in &source.tensors {
+            if tensor.shape.is_empty() || tensor.shape.contains(&0) {
+                push(format!("source.tensors.{column}.shape"), format!("must be a non-empty list of positive sizes, found {:?}", tensor.shape));
+            }
+        }
+    }
+
+    if config.runtime.workers == 0 {
+        push("runtime.workers".into(), "must be at least 1".into());
+    }
+    if config.runtime.channel_capacity == 0 {
+        push("runtime.channel_capacity".into(), "must be at least 1".into());
+    }
+
+    let mut names = HashSet::new();
+    for (index, stage) in config.stages.iter().enumerate() {
+        let at = |key: &str| format!("stages[{index}].{key}");
+        if !names.insert(stage.name().to_string()) {
+            push(at("name"), format!("stage name {:?} is used twice; give each stage a unique `name` (it also keys the stage's random streams)", stage.name()));
+        }
+        match stage {
+            StageConfig::Preprocess(c) => {
+                let channels = c.color.channels();
+                for (key, values) in [("mean", &c.mean), ("std", &c.std)] {
+                    if let Some(values) = values
+                        && values.len() != channels
+                    {
+                        push(at(key), format!("has {} values but color {:?} has {channels} channels", values.len(), c.color));
+                    }
+                }
+                if let Some(std) = &c.std
+                    && std.iter().any(|s| *s <= 0.0 || !s.is_finite())
+                {
+                    push(at("std"), format!("every value must be positive, found {std:?}"));
+                }
+                if c.mean.is_some() != c.std.is_some() {
+                    push(at("mean"), "normalization needs both `mean` and `std`".into());
+                }
+                if c.dtype == super::TensorDtype::Uint8 && c.mean.is_some() {
+                    push(at("dtype"), "uint8 output cannot hold normalized values; use dtype float32 or drop mean and std".into());
+                }
+                if let Some(resize) = &c.resize {
+                    let exact = resize.width.is_some() || resize.height.is_some();
+                    let valid = match (resize.width, resize.height, resize.shorter_side) {
+                        (Some(w), Some(h), None) => w > 0 && h > 0,
+                        (None, None, Some(side)) => side > 0,
+                        _ => false,
+                    };
+                    if !valid {
+                        let hint = if exact && resize.shorter_side.is_some() { "not both" } else { "all positive" };
+                        push(at("resize"), format!("give either `width` and `height`, or `shorter_side` ({hint})"));
+                    }
+                }
+                if let Some(crop) = &c.center_crop
+                    && (crop.width == 0 || crop.height == 0)
+                {
+                    push(at("center_crop"), "width and height must be positive".into());
+                }
+            }
+            StageConfig::AddNoise(c) => {
+                if !(c.std >= 0.0 && c.std.is_finite()) {
+                    push(at("std"), format!("must be zero or positive, found {}", c.std));
+                }
+                if !c.mean.is_finite() {
+                    push(at("mean"), format!("must be a finite number, found {}", c.mean));
+                }
+                if let Some([low, high]) = c.clip
+                    && !(low <= high)
+                {
+                    push(at("clip"), format!("lower bound {low} is above upper bound {high}"));
+                }
+            }
+            StageConfig::Infer(c) => {
+                if c.batch_size == 0 {
+                    push(at("batch_size"), "must be at least 1".into());
+                }
+                if c.sessions == 0 {
+                    push(at("sessions"), "must be at least 1".into());
+                }
+                if c.inputs.is_empty() {
+                    push(at("inputs"), "map at least one model input to a column".into());
+                }
+                for (input, constant) in &c.constants {
+                    let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
+                    let expected: usize = shape.iter().product();
+                    if expected != constant.values.len() {
+                        push(format!("stages[{index}].constants.{input}"), format!("shape {shape:?} needs {expected} values, found {}", constant.values.len()));
+                    }
+                }
+            }
+            StageConfig::Sample(c) => {
+                if !(c.temperature >= 0.0 && c.temperature.is_finite()) {
+                    push(at("temperature"), format!("must be zero or positive, found {}", c.temperature));
+                }
+                if c.samples == 0 {
+                    push(at("samples"), "must be at least 1".into());
+                }
+            }
+        }
+    }
+
+    let SinkConfig::ArrowFile(sink) = &config.sink;
+    if sink.rows_per_batch == 0 {
+        push("sink.rows_per_batch".into(), "must be at least 1".into());
+    }
+    problems
+}

@@ -1,0 +1,147 @@
+//! Reading a pipeline file: parsing, overrides, path resolution and the
+//! checks that need no model or data.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::locate::Locator;
+use super::{PipelineConfig, SinkConfig, SourceConfig, StageConfig};
+
+/// One problem in a pipeline file, at a path such as `stages[1].std`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+/// Why a pipeline file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read pipeline file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", file.display())]
+    Syntax { file: PathBuf, message: String },
+    #[error("{}", Located(file, problems))]
+    Invalid { file: PathBuf, problems: Vec<(Option<(usize, usize)>, ConfigProblem)> },
+}
+
+struct Located<'a>(&'a Path, &'a [(Option<(usize, usize)>, ConfigProblem)]);
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.1.len();
+        write!(f, "{} has {count} problem{}", self.0.display(), if count == 1 { "" } else { "s" })?;
+        for (position, problem) in self.1 {
+            match position {
+                Some((line, column)) => write!(f, "\n  {}:{line}:{column}: ", self.0.display())?,
+                None => write!(f, "\n  {}: ", self.0.display())?,
+            }
+            write!(f, "{}: {}", problem.path, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// A parsed pipeline file with its paths resolved.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub config: PipelineConfig,
+    pub file: PathBuf,
+    pub locator: Locator,
+    /// SHA-256 of the settings that determine the output values.
+    pub fingerprint: String,
+}
+
+impl LoadedConfig {
+    /// Turns problems into an error that names each one's line.
+    pub fn error(&self, problems: Vec<ConfigProblem>) -> ConfigError {
+        let problems = problems.into_iter().map(|p| (self.locator.find(&p.path), p)).collect();
+        ConfigError::Invalid { file: self.file.clone(), problems }
+    }
+}
+
+/// Reads and checks a pipeline file. `seed` and `output` override the file's
+/// seed and sink path; `output` is taken relative to the working directory,
+/// the file's own paths relative to the file.
+pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
+    let mut config: PipelineConfig = serde_yaml_ng::from_str(&text)
+        .map_err(|err| ConfigError::Syntax { file: file.to_path_buf(), message: err.to_string() })?;
+
+    if let Some(seed) = seed {
+        config.seed = seed;
+    }
+    let fingerprint = fingerprint(&config);
+
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    resolve_paths(&mut config, &base);
+    if let Some(output) = output {
+        let SinkConfig::ArrowFile(sink) = &mut config.sink;
+        sink.path = output.to_path_buf();
+    }
+
+    let loaded = LoadedConfig { config, file: file.to_path_buf(), locator: Locator::new(&text), fingerprint };
+    let problems = super::check::check(&loaded.config);
+    if problems.is_empty() { Ok(loaded) } else { Err(loaded.error(problems)) }
+}
+
+fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
+    let resolve = |path: &mut PathBuf| {
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    };
+    match &mut config.source {
+        SourceConfig::Images(c) => resolve(&mut c.path),
+        SourceConfig::ArrowFile(c) => resolve(&mut c.path),
+        SourceConfig::Npy(c) => resolve(&mut c.path),
+    }
+    for stage in &mut config.stages {
+        if let StageConfig::Infer(c) = stage {
+            resolve(&mut c.model);
+        }
+    }
+    let SinkConfig::ArrowFile(sink) = &mut config.sink;
+    resolve(&mut sink.path);
+}
+
+/// Hashes the canonical JSON form of the settings that can change output
+/// values. Batch sizes, thread, session and worker counts, channel capacities
+/// and the output path are left out: they change speed, never results.
+fn fingerprint(config: &PipelineConfig) -> String {
+    let mut value = serde_json::to_value(config).expect("a pipeline config always serializes");
+
+    remove_keys(&mut value, &["runtime"]);
+    remove_keys(&mut value["source"], &["batch_size"]);
+    remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
+    if let Some(stages) = value["stages"].as_array_mut() {
+        for stage in stages {
+            remove_keys(stage, &["batch_size", "threads", "sessions"]);
+        }
+    }
+
+    // serde_json sorts object keys, so this text is canonical.
+    let canonical = serde_json::to_vec(&value).expect("JSON values always serialize");
+    let digest = Sha256::digest(&canonical);
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn remove_keys(value: &mut serde_json::Value, keys: &[&str]) {
+    if let Some(object) = value.as_object_mut() {
+        for key in keys {
+            object.remove(*key);
+        }
+    }
+}

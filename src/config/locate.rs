@@ -1,0 +1,127 @@
+//! Maps paths in a YAML document (`stages[1].std`) to their line and column,
+//! so that errors found after deserialization can still name the YAML line.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// Line and column (both 1-based) of every key and sequence item in a document.
+#[derive(Debug, Default)]
+pub struct Locator {
+    positions: HashMap<String, (usize, usize)>,
+}
+
+impl Locator {
+    /// Indexes a YAML document. A document that does not parse yields an
+    /// empty index: the deserializer reports that error with its own position.
+    pub fn new(text: &str) -> Self {
+        let mut builder = Builder::default();
+        let mut parser = Parser::new_from_str(text);
+        if parser.load(&mut builder, false).is_err() {
+            return Self::default();
+        }
+        Self { positions: builder.positions }
+    }
+
+    /// Returns the position of `path`, or of its nearest ancestor that is in
+    /// the document (a missing key is reported at its parent).
+    pub fn find(&self, path: &str) -> Option<(usize, usize)> {
+        let mut candidate = path;
+        loop {
+            if let Some(position) = self.positions.get(candidate) {
+                return Some(*position);
+            }
+            let cut = candidate.rfind(['.', '['])?;
+            candidate = &candidate[..cut];
+        }
+    }
+}
+
+enum Container {
+    Mapping { expecting_key: bool, key: Option<String> },
+    Sequence { index: usize },
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<(String, Container)>,
+    positions: HashMap<String, (usize, usize)>,
+}
+
+impl Builder {
+    /// Computes the path of the node that starts now and records its position
+    /// when it is a sequence item. Returns `None` when the node is a mapping key.
+    fn enter_node(&mut self, mark: Marker) -> Option<String> {
+        let Some((parent, container)) = self.stack.last_mut() else {
+            return Some(String::new());
+        };
+        match container {
+            Container::Mapping { expecting_key: true, .. } => None,
+            Container::Mapping { expecting_key, key } => {
+                *expecting_key = true;
+                let key = key.take().unwrap_or_default();
+                Some(if parent.is_empty() { key } else { format!("{parent}.{key}") })
+            }
+            Container::Sequence { index } => {
+                let path = format!("{parent}[{index}]");
+                *index += 1;
+                self.positions.insert(path.clone(), (mark.line(), mark.col()));
+                Some(path)
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, event: Event, mark: Marker) {
+        match event {
+            Event::Scalar(value, ..) => {
+                if self.enter_node(mark).is_none() {
+                    let (parent, container) = self.stack.last_mut().expect("a key is inside a mapping");
+                    let path = if parent.is_empty() { value.clone() } else { format!("{parent}.{value}") };
+                    self.positions.insert(path, (mark.line(), mark.col()));
+                    *container = Container::Mapping { expecting_key: false, key: Some(value) };
+                }
+            }
+            Event::MappingStart(..) => {
+                let path = self.enter_node(mark).unwrap_or_default();
+                self.stack.push((path, Container::Mapping { expecting_key: true, key: None }));
+            }
+            Event::SequenceStart(..) => {
+                let path = self.enter_node(mark).unwrap_or_default();
+                self.stack.push((path, Container::Sequence { index: 0 }));
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            Event::Alias(_) => {
+                self.enter_node(mark);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "seed: 1\nsource:\n  kind: npy\n  path: x.npy\nstages:\n  - kind: add_noise\n    std: 0.1\n  - kind: infer\n    inputs: {x: y}\n";
+
+    #[test]
+    fn finds_nested_keys() {
+        let locator = Locator::new(TEXT);
+        assert_eq!(locator.find("seed"), Some((1, 1)));
+        assert_eq!(locator.find("source.path"), Some((4, 3)));
+        assert_eq!(locator.find("stages[0].std"), Some((7, 5)));
+        assert_eq!(locator.find("stages[1].inputs.x"), Some((9, 14)));
+    }
+
+    #[test]
+    fn missing_key_falls_back_to_parent() {
+        let locator = Locator::new(TEXT);
+        assert_eq!(locator.find("stages[1].model"), locator.find("stages[1]"));
+        assert_eq!(locator.find("stages[1]").map(|p| p.0), Some(8));
+    }
+}

@@ -1,0 +1,63 @@
+//! The pipeline file: its types, loading and validation.
+//!
+//! A pipeline file is YAML with a seed, one source, an ordered list of stages
+//! and one sink. docs/pipeline.md documents every key. Unknown keys are
+//! rejected so that a typo never silently falls back to a default.
+
+mod check;
+mod load;
+mod locate;
+mod source;
+mod stage;
+mod sink;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
+pub use locate::Locator;
+pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
+pub use source::{ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig};
+pub use stage::{
+    AddNoiseConfig, ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, NoiseKind,
+    PreprocessConfig, ResizeConfig, ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,
+};
+
+/// A whole pipeline file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Seed of every random draw in the pipeline.
+    pub seed: u64,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// Settings that change speed and memory use but never the output.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Batches each CPU stage processes at once, on separate threads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Batches each channel between two tasks holds before the sender waits.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { workers: default_workers(), channel_capacity: default_channel_capacity() }
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn default_channel_capacity() -> usize {
+    4
+}

@@ -1,0 +1,41 @@
+//! Sink sections of the pipeline file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where results go.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// One Arrow IPC file.
+    ArrowFile(ArrowFileSinkConfig),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrowFileSinkConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub compression: Compression,
+    /// Columns to write, in this order; every column when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Rows per record batch in the file. The file's batches depend on this
+    /// alone, never on the pipeline's internal batch sizes.
+    #[serde(default = "default_rows_per_batch")]
+    pub rows_per_batch: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Lz4,
+    Zstd,
+}
+
+fn default_rows_per_batch() -> usize {
+    4096
+}

@@ -1,0 +1,114 @@
+//! Source sections of the pipeline file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where records come from.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// PNG and JPEG files from a directory or a glob pattern.
+    Images(ImagesSourceConfig),
+    /// Rows of an Arrow IPC file.
+    ArrowFile(ArrowFileSourceConfig),
+    /// Rows of a `.npy` array: one record per index of the first axis.
+    Npy(NpySourceConfig),
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Images(_) => "images",
+            SourceConfig::ArrowFile(_) => "arrow_file",
+            SourceConfig::Npy(_) => "npy",
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        match self {
+            SourceConfig::Images(c) => c.batch_size,
+            SourceConfig::ArrowFile(c) => c.batch_size,
+            SourceConfig::Npy(c) => c.batch_size,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesSourceConfig {
+    /// A directory (its `.png`, `.jpg` and `.jpeg` files) or a glob pattern.
+    pub path: PathBuf,
+    /// Descend into subdirectories when `path` is a directory.
+    #[serde(default)]
+    pub recursive: bool,
+    /// How records are keyed: by file path relative to the directory, or by ordinal.
+    #[serde(default)]
+    pub key: ImagesKey,
+    /// Name of the column that holds each file's encoded bytes.
+    #[serde(default = "default_image_column")]
+    pub column: String,
+    /// Records per batch that the source emits.
+    #[serde(default = "default_image_batch")]
+    pub batch_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagesKey {
+    #[default]
+    Path,
+    Ordinal,
+}
+
+fn default_image_column() -> String {
+    String::from("image")
+}
+
+fn default_image_batch() -> usize {
+    16
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrowFileSourceConfig {
+    pub path: PathBuf,
+    /// Column that holds the record key (integer or string); the row ordinal when absent.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// Columns to read, in this order; all columns when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Columns to read as tensors, with their per-row shape. A column of
+    /// variable-length lists becomes a tensor column here, and a row whose
+    /// length does not match the shape is rejected.
+    #[serde(default)]
+    pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
+    #[serde(default = "default_table_batch")]
+    pub batch_size: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorShapeConfig {
+    pub shape: Vec<usize>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NpySourceConfig {
+    pub path: PathBuf,
+    /// Name of the tensor column the rows go to.
+    #[serde(default = "default_npy_column")]
+    pub column: String,
+    #[serde(default = "default_table_batch")]
+    pub batch_size: usize,
+}
+
+fn default_npy_column() -> String {
+    String::from("tensor")
+}
+
+fn default_table_batch() -> usize {
+    256
+}

@@ -1,0 +1,263 @@
+//! Stage sections of the pipeline file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One step between the source and the sink.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StageConfig {
+    /// Decode images and turn them into model-ready tensors.
+    Preprocess(PreprocessConfig),
+    /// Add random noise to a tensor column.
+    AddNoise(AddNoiseConfig),
+    /// Run an ONNX model.
+    Infer(InferConfig),
+    /// Draw samples from a model's output distribution.
+    Sample(SampleConfig),
+}
+
+impl StageConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageConfig::Preprocess(_) => "preprocess",
+            StageConfig::AddNoise(_) => "add_noise",
+            StageConfig::Infer(_) => "infer",
+            StageConfig::Sample(_) => "sample",
+        }
+    }
+
+    /// The stage's name: the configured one, else its kind.
+    pub fn name(&self) -> &str {
+        let configured = match self {
+            StageConfig::Preprocess(c) => &c.name,
+            StageConfig::AddNoise(c) => &c.name,
+            StageConfig::Infer(c) => &c.name,
+            StageConfig::Sample(c) => &c.name,
+        };
+        configured.as_deref().unwrap_or(self.kind())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Column of encoded image bytes.
+    #[serde(default = "default_image_column")]
+    pub column: String,
+    /// Column the tensor goes to; replaces `column` when absent.
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub color: ColorOrder,
+    #[serde(default)]
+    pub resize: Option<ResizeConfig>,
+    #[serde(default)]
+    pub center_crop: Option<CropConfig>,
+    /// Per-channel mean, in the [0, 1] pixel scale, subtracted before dividing by `std`.
+    #[serde(default)]
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation, in the [0, 1] pixel scale.
+    #[serde(default)]
+    pub std: Option<Vec<f32>>,
+    #[serde(default)]
+    pub layout: Layout,
+    #[serde(default)]
+    pub dtype: TensorDtype,
+}
+
+fn default_image_column() -> String {
+    String::from("image")
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorOrder {
+    #[default]
+    Rgb,
+    Bgr,
+    Gray,
+    Rgba,
+}
+
+impl ColorOrder {
+    pub fn channels(self) -> usize {
+        match self {
+            ColorOrder::Rgb | ColorOrder::Bgr => 3,
+            ColorOrder::Gray => 1,
+            ColorOrder::Rgba => 4,
+        }
+    }
+}
+
+/// Resize to an exact size, or scale so the shorter side has a given length.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeConfig {
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub shorter_side: Option<u32>,
+    #[serde(default)]
+    pub filter: ResizeFilter,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeFilter {
+    Nearest,
+    #[default]
+    Bilinear,
+    Bicubic,
+    Lanczos3,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CropConfig {
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    #[default]
+    Chw,
+    Hwc,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorDtype {
+    #[default]
+    Float32,
+    Uint8,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNoiseConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub column: String,
+    /// Column the noisy tensor goes to; replaces `column` when absent.
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub noise: NoiseKind,
+    #[serde(default)]
+    pub mean: f64,
+    pub std: f64,
+    /// Lower and upper bound applied after the noise.
+    #[serde(default)]
+    pub clip: Option<[f64; 2]>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseKind {
+    #[default]
+    Gaussian,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub model: PathBuf,
+    /// Model input name to the column that feeds it.
+    pub inputs: BTreeMap<String, String>,
+    /// Model inputs fed the same constant tensor on every run.
+    #[serde(default)]
+    pub constants: BTreeMap<String, ConstantConfig>,
+    /// Model output name to the column it is written to; every output under
+    /// its own name when absent.
+    #[serde(default)]
+    pub outputs: Option<BTreeMap<String, String>>,
+    /// Records per model run.
+    #[serde(default = "default_infer_batch")]
+    pub batch_size: usize,
+    /// Intra-op threads per session; 0 lets ONNX Runtime choose.
+    #[serde(default)]
+    pub threads: usize,
+    /// Sessions that run batches in parallel.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+fn default_infer_batch() -> usize {
+    64
+}
+
+fn default_sessions() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstantConfig {
+    pub values: Vec<f64>,
+    /// Shape of the tensor; a one-dimensional tensor of the values when absent.
+    #[serde(default)]
+    pub shape: Option<Vec<usize>>,
+    #[serde(default)]
+    pub dtype: ConstantType,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConstantType {
+    #[default]
+    Float32,
+    Int64,
+    Bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Column of per-class scores, one vector per row.
+    pub column: String,
+    #[serde(default)]
+    pub from: SampleFrom,
+    /// Softmax temperature; 0 takes the most likely class.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Samples drawn per record; more than one adds a `sample` index column
+    /// and repeats the record's other columns.
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+    /// Column the drawn class index goes to.
+    #[serde(default = "default_class_column")]
+    pub output: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleFrom {
+    #[default]
+    Logits,
+    Probabilities,
+}
+
+fn default_temperature() -> f64 {
+    1.0
+}
+
+fn default_samples() -> u32 {
+    1
+}
+
+fn default_class_column() -> String {
+    String::from("class")
+}

@@ -1,0 +1,165 @@
+//! Tensor columns in Arrow record batches.
+//!
+//! A tensor column holds one fixed-shape tensor per row as a
+//! `FixedSizeList<T>` whose field carries the canonical
+//! `arrow.fixed_shape_tensor` extension type, with the per-row shape in the
+//! field metadata. The flat values of a whole column are one contiguous
+//! buffer, so they can be viewed as `[rows, shape...]` without copying.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, ArrowPrimitiveType, FixedSizeListArray, PrimitiveArray,
+};
+use arrow::buffer::ScalarBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type};
+use arrow::error::ArrowError;
+use arrow_schema::extension::FixedShapeTensor;
+
+/// Element type of a tensor column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementType {
+    Float32,
+    UInt8,
+}
+
+impl ElementType {
+    /// The Arrow type of one element.
+    pub fn arrow_type(self) -> DataType {
+        match self {
+            ElementType::Float32 => DataType::Float32,
+            ElementType::UInt8 => DataType::UInt8,
+        }
+    }
+
+    /// Maps an Arrow element type to a tensor element type, if supported.
+    pub fn from_arrow(data_type: &DataType) -> Option<Self> {
+        match data_type {
+            DataType::Float32 => Some(ElementType::Float32),
+            DataType::UInt8 => Some(ElementType::UInt8),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ElementType::Float32 => "float32",
+            ElementType::UInt8 => "uint8",
+        }
+    }
+}
+
+/// The type of a tensor column: element type and per-row shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorType {
+    pub element: ElementType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorType {
+    pub fn new(element: ElementType, shape: Vec<usize>) -> Self {
+        Self { element, shape }
+    }
+
+    /// Number of elements in one row's tensor.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Builds the Arrow field for a column of this type.
+    pub fn field(&self, name: &str) -> Field {
+        let item = Arc::new(Field::new("item", self.element.arrow_type(), false));
+        let field = Field::new(name, DataType::FixedSizeList(item, self.len() as i32), true);
+        let extension = FixedShapeTensor::try_new(self.element.arrow_type(), self.shape.clone(), None, None)
+            .expect("a tensor shape with a matching element count is always valid");
+        field.with_extension_type(extension)
+    }
+
+    /// Reads the tensor type of a field: the extension type's shape when the
+    /// field has one, else a one-dimensional shape of the list size.
+    pub fn of_field(field: &Field) -> Option<Self> {
+        let DataType::FixedSizeList(item, size) = field.data_type() else {
+            return None;
+        };
+        let element = ElementType::from_arrow(item.data_type())?;
+        let shape = match field.try_extension_type::<FixedShapeTensor>() {
+            Ok(tensor) => tensor.shape().to_vec(),
+            Err(_) => vec![*size as usize],
+        };
+        Some(Self { element, shape })
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{}{:?}", self.element.name(), self.shape)
+    }
+}
+
+/// Returns the flat values of rows `0..len` of a fixed-size-list column of
+/// primitive `T`, honouring the array's offset.
+pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], ArrowError> {
+    let list = column
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .ok_or_else(|| ArrowError::InvalidArgumentError(format!("expected a tensor column, found {}", column.data_type())))?;
+    let size = list.value_length() as usize;
+    let items = list
+        .values()
+        .as_any()
+        .downcast_ref::<PrimitiveArray<T>>()
+        .ok_or_else(|| ArrowError::InvalidArgumentError(format!("expected {} tensor values, found {}", T::DATA_TYPE, list.values().data_type())))?;
+    let start = list.offset() * size;
+    Ok(&items.values()[start..start + list.len() * size])
+}
+
+/// Returns the float32 values of a tensor column.
+pub fn f32_values(column: &ArrayRef) -> Result<&[f32], ArrowError> {
+    values::<Float32Type>(column)
+}
+
+/// Returns the uint8 values of a tensor column.
+pub fn u8_values(column: &ArrayRef) -> Result<&[u8], ArrowError> {
+    values::<UInt8Type>(column)
+}
+
+/// Builds a tensor column from flat values, taking ownership without a copy.
+pub fn build<T: ArrowPrimitiveType>(tensor: &TensorType, values: Vec<T::Native>) -> Result<ArrayRef, ArrowError> {
+    let field = Arc::new(Field::new("item", T::DATA_TYPE, false));
+    let items = PrimitiveArray::<T>::new(ScalarBuffer::from(values), None);
+    let list = FixedSizeListArray::try_new(field, tensor.len() as i32, Arc::new(items), None)?;
+    Ok(Arc::new(list))
+}
+
+/// Builds a float32 tensor column.
+pub fn build_f32(tensor: &TensorType, values: Vec<f32>) -> Result<ArrayRef, ArrowError> {
+    build::<Float32Type>(tensor, values)
+}
+
+/// Builds a uint8 tensor column.
+pub fn build_u8(tensor: &TensorType, values: Vec<u8>) -> Result<ArrayRef, ArrowError> {
+    build::<UInt8Type>(tensor, values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_roundtrips_shape() {
+        let tensor = TensorType::new(ElementType::Float32, vec![3, 4, 5]);
+        let field = tensor.field("image");
+        assert_eq!(TensorType::of_field(&field), Some(tensor));
+        assert_eq!(field.extension_type_name(), Some("arrow.fixed_shape_tensor"));
+    }
+
+    #[test]
+    fn values_honour_slice_offset() {
+        let tensor = TensorType::new(ElementType::Float32, vec![2]);
+        let column = build_f32(&tensor, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        let sliced = column.slice(1, 2);
+        assert_eq!(f32_values(&sliced).unwrap(), &[2.0, 3.0, 4.0, 5.0]);
+    }
+}
