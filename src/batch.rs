@@ -17,15 +17,11 @@ pub const SAMPLE_COLUMN: &str = "sample";
 pub struct Batch {
     pub data: RecordBatch,
     pub rejected: Vec<Rejected>,
-    /// Number of source records this batch accounts for: its rows before any
-    /// fan-out, plus its rejections.
-    pub records: usize,
 }
 
 impl Batch {
     pub fn new(data: RecordBatch, rejected: Vec<Rejected>) -> Self {
-        let records = data.num_rows() + rejected.len();
-        Self { data, rejected, records }
+        Self { data, rejected }
     }
 }
 

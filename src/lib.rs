@@ -7,7 +7,12 @@
 //! key, sample index); see [`rng`].
 
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod model;
+pub mod source;
+pub mod stage;
 pub mod rng;
+pub mod runtime;
+pub mod sink;
 pub mod tensor;

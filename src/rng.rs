@@ -86,5 +86,5 @@ mod tests {
         assert_eq!(words, KNOWN_WORDS);
     }
 
-    const KNOWN_WORDS: [u32; 4] = [0, 0, 0, 0];
+    const KNOWN_WORDS: [u32; 4] = [307077582, 2921431371, 2471548940, 541097073];
 }

@@ -14,7 +14,11 @@ use arrow::array::{
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type};
 use arrow::error::ArrowError;
-use arrow_schema::extension::FixedShapeTensor;
+use std::collections::HashMap;
+
+const EXTENSION_NAME_KEY: &str = "ARROW:extension:name";
+const EXTENSION_METADATA_KEY: &str = "ARROW:extension:metadata";
+const FIXED_SHAPE_TENSOR: &str = "arrow.fixed_shape_tensor";
 
 /// Element type of a tensor column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,12 +75,17 @@ impl TensorType {
     }
 
     /// Builds the Arrow field for a column of this type.
+    ///
+    /// The extension metadata is written by hand as `{"shape":[...]}`:
+    /// arrow-rs 60 serializes absent dimension names as `null`, which
+    /// pyarrow 26 rejects.
     pub fn field(&self, name: &str) -> Field {
         let item = Arc::new(Field::new("item", self.element.arrow_type(), false));
-        let field = Field::new(name, DataType::FixedSizeList(item, self.len() as i32), true);
-        let extension = FixedShapeTensor::try_new(self.element.arrow_type(), self.shape.clone(), None, None)
-            .expect("a tensor shape with a matching element count is always valid");
-        field.with_extension_type(extension)
+        let metadata = HashMap::from([
+            (String::from(EXTENSION_NAME_KEY), String::from(FIXED_SHAPE_TENSOR)),
+            (String::from(EXTENSION_METADATA_KEY), serde_json::json!({ "shape": self.shape }).to_string()),
+        ]);
+        Field::new(name, DataType::FixedSizeList(item, self.len() as i32), false).with_metadata(metadata)
     }
 
     /// Reads the tensor type of a field: the extension type's shape when the
@@ -86,10 +95,14 @@ impl TensorType {
             return None;
         };
         let element = ElementType::from_arrow(item.data_type())?;
-        let shape = match field.try_extension_type::<FixedShapeTensor>() {
-            Ok(tensor) => tensor.shape().to_vec(),
-            Err(_) => vec![*size as usize],
-        };
+        let metadata = field.metadata();
+        let declared = (metadata.get(EXTENSION_NAME_KEY).map(String::as_str) == Some(FIXED_SHAPE_TENSOR))
+            .then(|| metadata.get(EXTENSION_METADATA_KEY))
+            .flatten()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|value| serde_json::from_value::<Vec<usize>>(value.get("shape")?.clone()).ok())
+            .filter(|shape| shape.iter().product::<usize>() == *size as usize);
+        let shape = declared.unwrap_or_else(|| vec![*size as usize]);
         Some(Self { element, shape })
     }
 
@@ -98,8 +111,9 @@ impl TensorType {
     }
 }
 
-/// Returns the flat values of rows `0..len` of a fixed-size-list column of
-/// primitive `T`, honouring the array's offset.
+/// Returns the flat values of a fixed-size-list column of primitive `T`.
+/// Slicing a `FixedSizeListArray` slices its child, so the child's values are
+/// exactly the column's rows.
 pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], ArrowError> {
     let list = column
         .as_any()
@@ -111,8 +125,7 @@ pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], 
         .as_any()
         .downcast_ref::<PrimitiveArray<T>>()
         .ok_or_else(|| ArrowError::InvalidArgumentError(format!("expected {} tensor values, found {}", T::DATA_TYPE, list.values().data_type())))?;
-    let start = list.offset() * size;
-    Ok(&items.values()[start..start + list.len() * size])
+    Ok(&items.values()[..list.len() * size])
 }
 
 /// Returns the float32 values of a tensor column.
@@ -153,10 +166,11 @@ mod tests {
         let field = tensor.field("image");
         assert_eq!(TensorType::of_field(&field), Some(tensor));
         assert_eq!(field.extension_type_name(), Some("arrow.fixed_shape_tensor"));
+        assert_eq!(field.metadata()["ARROW:extension:metadata"], r#"{"shape":[3,4,5]}"#);
     }
 
     #[test]
-    fn values_honour_slice_offset() {
+    fn values_follow_slices() {
         let tensor = TensorType::new(ElementType::Float32, vec![2]);
         let column = build_f32(&tensor, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
         let sliced = column.slice(1, 2);

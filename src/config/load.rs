@@ -100,7 +100,7 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
 fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
     let resolve = |path: &mut PathBuf| {
         if path.is_relative() {
-            *path = base.join(&*path);
+            *path = normalize(&base.join(&*path));
         }
     };
     match &mut config.source {
@@ -143,5 +143,34 @@ fn remove_keys(value: &mut serde_json::Value, keys: &[&str]) {
         for key in keys {
             object.remove(*key);
         }
+    }
+}
+
+/// Removes `.` and `name/..` pairs without touching the file system, so
+/// `pipelines/../out/x.arrow` reads as `out/x.arrow` in messages.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut parts: Vec<Component> = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(parts.last(), Some(Component::Normal(_))) => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    if parts.is_empty() { PathBuf::from(".") } else { parts.iter().collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_removes_parent_pairs() {
+        assert_eq!(normalize(Path::new("pipelines/../out/x.arrow")), PathBuf::from("out/x.arrow"));
+        assert_eq!(normalize(Path::new("../fixtures/./m.onnx")), PathBuf::from("../fixtures/m.onnx"));
+        assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
     }
 }

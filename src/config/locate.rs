@@ -7,6 +7,8 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
 /// Line and column (both 1-based) of every key and sequence item in a document.
+/// yaml-rust2 0.13 reports lines from 1 and columns from 0; columns are
+/// shifted here.
 #[derive(Debug, Default)]
 pub struct Locator {
     positions: HashMap<String, (usize, usize)>,
@@ -66,7 +68,7 @@ impl Builder {
             Container::Sequence { index } => {
                 let path = format!("{parent}[{index}]");
                 *index += 1;
-                self.positions.insert(path.clone(), (mark.line(), mark.col()));
+                self.positions.insert(path.clone(), (mark.line(), mark.col() + 1));
                 Some(path)
             }
         }
@@ -80,7 +82,7 @@ impl MarkedEventReceiver for Builder {
                 if self.enter_node(mark).is_none() {
                     let (parent, container) = self.stack.last_mut().expect("a key is inside a mapping");
                     let path = if parent.is_empty() { value.clone() } else { format!("{parent}.{value}") };
-                    self.positions.insert(path, (mark.line(), mark.col()));
+                    self.positions.insert(path, (mark.line(), mark.col() + 1));
                     *container = Container::Mapping { expecting_key: false, key: Some(value) };
                 }
             }

@@ -1,0 +1,100 @@
+//! `stochflow inspect`: describe an ONNX model file. It reads the protobuf
+//! directly, so it works without ONNX Runtime.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+use crate::model::proto::{self, GraphProto, ValueInfoProto};
+
+pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(model_path).with_context(|| format!("cannot read model file {}", model_path.display()))?;
+    let model = proto::decode(&bytes).with_context(|| format!("{} is not an ONNX model (protobuf decoding failed)", model_path.display()))?;
+    let graph = model.graph.clone().unwrap_or_default();
+    let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+
+    println!("model: {}", model_path.display());
+    println!("  sha256: {sha256}");
+    println!("  IR version: {}", model.ir_version.unwrap_or_default());
+    let opsets: Vec<String> = model
+        .opset_import
+        .iter()
+        .map(|o| format!("{} {}", o.domain.as_deref().filter(|d| !d.is_empty()).unwrap_or("ai.onnx"), o.version.unwrap_or_default()))
+        .collect();
+    println!("  opsets: {}", opsets.join(", "));
+    if let Some(producer) = model.producer_name.as_deref().filter(|p| !p.is_empty()) {
+        println!("  producer: {producer} {}", model.producer_version.as_deref().unwrap_or_default());
+    }
+
+    let initializers: HashMap<&str, &proto::TensorProto> = graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
+    println!("inputs:");
+    for input in &graph.input {
+        let name = input.name.as_deref().unwrap_or_default();
+        let default = if initializers.contains_key(name) { "  (has a default: an initializer)" } else { "" };
+        println!("  {}{default}", describe_value(input));
+    }
+    println!("outputs:");
+    for output in &graph.output {
+        println!("  {}", describe_value(output));
+    }
+    print_dropout(&graph, &initializers);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Formats `name  dtype  [dims]`, with symbolic dimensions by name.
+fn describe_value(value: &ValueInfoProto) -> String {
+    let name = value.name.as_deref().unwrap_or_default();
+    let Some(tensor) = value.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()) else {
+        return format!("{name}  (not a tensor)");
+    };
+    let element = proto::data_type_name(tensor.elem_type.unwrap_or_default());
+    let dims: Vec<String> = match &tensor.shape {
+        Some(shape) => shape
+            .dim
+            .iter()
+            .map(|d| match (&d.dim_value, &d.dim_param) {
+                (Some(v), _) => v.to_string(),
+                (None, Some(p)) if !p.is_empty() => p.clone(),
+                _ => String::from("?"),
+            })
+            .collect(),
+        None => vec![String::from("unknown rank")],
+    };
+    format!("{name}  {element}  [{}]", dims.join(", "))
+}
+
+fn print_dropout(graph: &GraphProto, initializers: &HashMap<&str, &proto::TensorProto>) {
+    let dropouts: Vec<_> = graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Dropout")).collect();
+    println!("dropout nodes: {}", dropouts.len());
+    for node in dropouts {
+        // Before opset 12 the ratio is an attribute; from 12 on, an optional input.
+        let attribute = node.attribute.iter().find(|a| a.name.as_deref() == Some("ratio")).and_then(|a| a.f);
+        let input = node.input.get(1).and_then(|name| initializers.get(name.as_str())).and_then(|t| scalar_f32(t));
+        let ratio = match (attribute, input, node.input.get(1)) {
+            (Some(r), _, _) | (None, Some(r), _) => format!("ratio {r}"),
+            (None, None, Some(name)) if !name.is_empty() => format!("ratio from input {name:?}"),
+            _ => String::from("ratio 0.5 (default)"),
+        };
+        println!(
+            "  {}  {ratio}  {} -> {}",
+            node.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("(unnamed)"),
+            node.input.first().map(String::as_str).unwrap_or_default(),
+            node.output.first().map(String::as_str).unwrap_or_default()
+        );
+    }
+}
+
+/// Reads a float32 scalar initializer.
+fn scalar_f32(tensor: &proto::TensorProto) -> Option<f32> {
+    if tensor.data_type != Some(1) {
+        return None;
+    }
+    if let Some(&value) = tensor.float_data.first() {
+        return Some(value);
+    }
+    let raw = tensor.raw_data.as_deref()?;
+    Some(f32::from_le_bytes(raw.get(..4)?.try_into().ok()?))
+}

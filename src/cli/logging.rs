@@ -1,0 +1,67 @@
+//! Log setup. Logs go to standard error through `tracing`; the filter comes
+//! from `STOCHFLOW_LOG` (tracing-subscriber's `EnvFilter` syntax) and
+//! defaults to `info` for stochflow and `warn` for everything else. While a
+//! progress bar is shown, log lines are printed above it.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use indicatif::ProgressBar;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Installs the subscriber.
+pub fn init() {
+    let filter = EnvFilter::try_from_env("STOCHFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn,stochflow=info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(BarAwareWriter).with_target(false).with_ansi(ansi).init();
+}
+
+/// Makes log lines print above `bar` until [`clear_bar`].
+pub fn set_bar(bar: &ProgressBar) {
+    *ACTIVE_BAR.lock().expect("the progress bar lock is never poisoned") = Some(bar.clone());
+}
+
+pub fn clear_bar() {
+    *ACTIVE_BAR.lock().expect("the progress bar lock is never poisoned") = None;
+}
+
+#[derive(Clone, Copy)]
+struct BarAwareWriter;
+
+impl<'a> MakeWriter<'a> for BarAwareWriter {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter(Vec::new())
+    }
+}
+
+/// Collects one log event and prints it whole when dropped.
+struct LineWriter(Vec<u8>);
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        let bar = ACTIVE_BAR.lock().ok().and_then(|guard| guard.clone());
+        let print = || {
+            let _ = std::io::stderr().write_all(&self.0);
+        };
+        match bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The command-line interface: `run`, `validate` and `inspect`.
+//!
+//! Exit codes: 0 success; 1 an error stopped the command; 2 the run finished
+//! but skipped records; 130 the run was interrupted and committed what it
+//! had finished.
+
+mod inspect;
+mod logging;
+mod progress;
+mod run;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "stochflow", version, about = "Reproducible randomness around ONNX model inference")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline over its whole source and write its output file.
+    Run {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+        /// Seed for every random draw, in place of the file's `seed`.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Output file, in place of the sink's `path` (relative to the working directory).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Check a pipeline file, its data and its models without running it.
+    Validate {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+    },
+    /// Print an ONNX model's inputs, outputs, opsets and Dropout nodes.
+    Inspect {
+        /// The model file (.onnx).
+        model: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let result = match cli.command {
+        Command::Run { pipeline, seed, output } => run::run(&pipeline, seed, output.as_deref()),
+        Command::Validate { pipeline } => validate::validate(&pipeline),
+        Command::Inspect { model } => inspect::inspect(&model),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit code of a run that finished but skipped records.
+pub const EXIT_SKIPPED: u8 = 2;
+/// Exit code of a run stopped by a signal.
+pub const EXIT_INTERRUPTED: u8 = 130;

@@ -1,0 +1,189 @@
+//! Running a planned pipeline.
+//!
+//! Each part runs as its own task, joined to the next by a bounded channel
+//! of `channel_capacity` batches, so a slow sink slows the source instead of
+//! filling memory. The source and the sink do blocking file I/O on blocking
+//! threads. Each stage runs up to `concurrency()` batches at once on
+//! blocking threads and emits results in input order, so the output order
+//! equals the input order whatever the parallelism.
+//!
+//! Memory is bounded by the channels: at most `channel_capacity` batches
+//! wait between two tasks, plus the batches in flight inside each stage and
+//! the rows the sink buffers up to one record batch of the file.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::plan::{Pipeline, error_chain};
+use super::rebatch::rebatch;
+use crate::batch::{Batch, SAMPLE_COLUMN};
+use crate::sink::{ArrowFileSink, SinkError};
+use crate::source::SourceError;
+use crate::stage::StageError;
+
+/// Live counts, shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub read: AtomicU64,
+    pub written: AtomicU64,
+    pub rows: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Set to stop reading new records; what was read is still finished.
+    pub stop: AtomicBool,
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Records the source produced, rejected ones included.
+    pub read: u64,
+    /// Records that reached the output.
+    pub written: u64,
+    /// Rows written: records times samples per record.
+    pub rows: u64,
+    /// Records rejected by the source or a stage.
+    pub rejected: u64,
+    pub seconds: f64,
+    /// Whether the run stopped early on request.
+    pub interrupted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("a pipeline task failed unexpectedly: {0}")]
+    Task(String),
+}
+
+/// Log rejections one by one up to this count, then one line in this many.
+const REJECTION_LOG_LIMIT: u64 = 20;
+const REJECTION_LOG_EVERY: u64 = 1000;
+
+/// Runs the pipeline to the end of its source, or until `counters.stop` is
+/// set, and commits the output file.
+pub async fn execute(pipeline: Pipeline, sink: ArrowFileSink, counters: Arc<Counters>) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let Pipeline { mut source, stages, stage_inputs, channel_capacity, .. } = pipeline;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let (source_tx, mut rx) = mpsc::channel::<Batch>(channel_capacity);
+    let source_counters = counters.clone();
+    let source_task = tokio::task::spawn_blocking(move || -> Result<(), RunError> {
+        let _span = tracing::info_span!("source").entered();
+        while !source_counters.stop.load(Ordering::Relaxed) {
+            let Some(batch) = source.next_batch()? else { break };
+            source_counters.read.fetch_add((batch.data.num_rows() + batch.rejected.len()) as u64, Ordering::Relaxed);
+            if source_tx.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+
+    for (stage, input_schema) in stages.iter().zip(stage_inputs) {
+        if let Some(size) = stage.batch_size() {
+            let (tx, next_rx) = mpsc::channel(channel_capacity);
+            let upstream = std::mem::replace(&mut rx, next_rx);
+            tasks.spawn(async move {
+                rebatch(upstream, tx, size, input_schema).await;
+                Ok(())
+            });
+        }
+        let (tx, next_rx) = mpsc::channel(channel_capacity);
+        let upstream = std::mem::replace(&mut rx, next_rx);
+        tasks.spawn(run_stage(stage.clone(), upstream, tx));
+    }
+
+    let sink_counters = counters.clone();
+    let sink_task = tokio::task::spawn_blocking(move || -> Result<ArrowFileSink, RunError> {
+        let _span = tracing::info_span!("sink").entered();
+        let mut sink = sink;
+        while let Some(batch) = rx.blocking_recv() {
+            for rejected in &batch.rejected {
+                let count = sink_counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                if count <= REJECTION_LOG_LIMIT || count % REJECTION_LOG_EVERY == 0 {
+                    tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = count, "record skipped");
+                }
+                if count == REJECTION_LOG_LIMIT {
+                    tracing::warn!("further skipped records are logged once every {REJECTION_LOG_EVERY}");
+                }
+            }
+            sink.write(&batch.data)?;
+            sink_counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
+            sink_counters.written.fetch_add(first_samples(&batch) as u64, Ordering::Relaxed);
+        }
+        Ok(sink)
+    });
+
+    // The first failure is reported; dropping the channels stops the rest.
+    let mut failure: Option<RunError> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
+        if let Err(err) = result {
+            tracing::error!(error = %error_chain(&err), "pipeline stage failed");
+            failure.get_or_insert(err);
+            tasks.abort_all();
+        }
+    }
+    let source_result = source_task.await.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
+    let sink_result = sink_task.await.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    source_result?;
+    let sink = sink_result?;
+    let path = sink.finish()?;
+    tracing::info!(path = %path.display(), "output committed");
+
+    Ok(Summary {
+        read: counters.read.load(Ordering::Relaxed),
+        written: counters.written.load(Ordering::Relaxed),
+        rows: counters.rows.load(Ordering::Relaxed),
+        rejected: counters.rejected.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        interrupted: counters.stop.load(Ordering::Relaxed),
+    })
+}
+
+/// Runs one stage over its input, `concurrency()` batches at a time on
+/// blocking threads, sending results in input order.
+async fn run_stage(stage: Arc<dyn crate::stage::Stage>, input: mpsc::Receiver<Batch>, output: mpsc::Sender<Batch>) -> Result<(), RunError> {
+    let span = tracing::info_span!("stage", name = %stage.name());
+    let concurrency = stage.concurrency().max(1);
+    let mut results = ReceiverStream::new(input)
+        .map(|batch| {
+            let stage = stage.clone();
+            let span = span.clone();
+            tokio::task::spawn_blocking(move || span.in_scope(|| stage.process(batch)))
+        })
+        .buffered(concurrency);
+    while let Some(joined) = results.next().await {
+        let batch = joined.map_err(|err| RunError::Task(err.to_string()))??;
+        if output.send(batch).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Counts the records in a batch: rows with sample index 0 after a fan-out,
+/// every row otherwise.
+fn first_samples(batch: &Batch) -> usize {
+    match batch.data.column_by_name(SAMPLE_COLUMN) {
+        Some(column) => {
+            use arrow::array::AsArray;
+            column.as_primitive::<arrow::datatypes::Int32Type>().values().iter().filter(|&&s| s == 0).count()
+        }
+        None => batch.data.num_rows(),
+    }
+}

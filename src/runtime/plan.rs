@@ -1,0 +1,124 @@
+//! Planning: opening the source, planning each stage against the schema it
+//! receives, and fixing the output schema, all before any record is read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+
+use crate::config::{ConfigError, ConfigProblem, LoadedConfig, SinkConfig};
+use crate::source::{self, Source, SourceError};
+use crate::stage::{self, PlanContext, Stage};
+
+/// Why a pipeline cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// A pipeline ready to run.
+pub struct Pipeline {
+    pub source: Box<dyn Source>,
+    pub stages: Vec<Arc<dyn Stage>>,
+    /// Schema of the batches each stage receives.
+    pub stage_inputs: Vec<SchemaRef>,
+    /// Schema of the batches that reach the sink.
+    pub schema: SchemaRef,
+    /// Schema of the written file, with provenance metadata.
+    pub output_schema: SchemaRef,
+    /// Indices of the written columns in `schema`.
+    pub projection: Vec<usize>,
+    pub key_column: String,
+    pub channel_capacity: usize,
+}
+
+/// Plans the pipeline of a loaded file. Every problem found is reported,
+/// each with its YAML line.
+pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
+    let config = &loaded.config;
+    let source = match source::open(&config.source) {
+        Ok(source) => source,
+        Err(err) => {
+            let path = err.config_path().unwrap_or("source.path").to_string();
+            let message = match &err {
+                SourceError::Config { message, .. } => message.clone(),
+                other => error_chain(other),
+            };
+            return Err(loaded.error(vec![ConfigProblem::new(path, message)]).into());
+        }
+    };
+    let key_column = source.key_column().to_string();
+
+    let mut schema = source.schema();
+    let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
+    let mut stage_inputs = Vec::new();
+    let mut problems = Vec::new();
+    for (index, stage_config) in config.stages.iter().enumerate() {
+        let context = PlanContext { seed: config.seed, index, input: &schema, key_column: &key_column, workers: config.runtime.workers };
+        match stage::plan(stage_config, &context) {
+            Ok((stage, output)) => {
+                stages.push(Arc::from(stage));
+                stage_inputs.push(schema.clone());
+                schema = output;
+            }
+            Err(mut found) => {
+                problems.append(&mut found);
+                // Later stages would be checked against a schema this stage
+                // did not produce, which only adds misleading problems.
+                break;
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(loaded.error(problems).into());
+    }
+
+    let SinkConfig::ArrowFile(sink) = &config.sink;
+    let names: Vec<String> = match &sink.columns {
+        Some(columns) => columns.clone(),
+        None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+    };
+    let mut projection = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match schema.index_of(name) {
+            Ok(index) => projection.push(index),
+            Err(_) => problems.push(ConfigProblem::new(
+                format!("sink.columns[{i}]"),
+                format!("column {name:?} does not reach the sink; available columns: {}", schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")),
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(loaded.error(problems).into());
+    }
+
+    let mut metadata = HashMap::from([
+        (String::from("stochflow.version"), env!("CARGO_PKG_VERSION").to_string()),
+        (String::from("stochflow.seed"), config.seed.to_string()),
+        (String::from("stochflow.config_sha256"), loaded.fingerprint.clone()),
+        (String::from("stochflow.rng_contract"), crate::rng::CONTRACT_VERSION.to_string()),
+        (String::from("stochflow.key_column"), key_column.clone()),
+    ]);
+    for stage in &stages {
+        metadata.extend(stage.provenance());
+    }
+    let fields: Vec<_> = projection.iter().map(|&i| schema.field(i).clone()).collect();
+    let output_schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+
+    Ok(Pipeline { source, stages, stage_inputs, schema, output_schema, projection, key_column, channel_capacity: config.runtime.channel_capacity })
+}
+
+/// Formats an error with its causes, as "error: cause: cause".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,74 @@
+//! Sources: where records come from.
+//!
+//! A source is opened before any work starts, so a missing or unreadable file
+//! stops the pipeline with an error before the first record. After that it
+//! yields batches until it runs out; records it cannot read are passed on as
+//! rejections, never dropped.
+
+mod arrow_file;
+mod images;
+mod npy;
+
+use std::path::PathBuf;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::batch::Batch;
+use crate::config::SourceConfig;
+
+pub use arrow_file::ArrowFileSource;
+pub use images::ImagesSource;
+pub use npy::NpySource;
+
+/// Name of the key column of sources keyed by ordinal.
+pub const ORDINAL_COLUMN: &str = "ordinal";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("input {} not found; check `source.path` (relative paths start at the pipeline file's folder)", .0.display())]
+    NotFound(PathBuf),
+    #[error("cannot read {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid {format} file: {message}", path.display())]
+    Format { path: PathBuf, format: &'static str, message: String },
+    #[error("{message}")]
+    Config { path: String, message: String },
+}
+
+impl SourceError {
+    /// The pipeline-file path of the setting this error is about, if any.
+    pub fn config_path(&self) -> Option<&str> {
+        match self {
+            SourceError::Config { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// A finite or endless supply of record batches.
+pub trait Source: Send {
+    /// Schema of every batch the source yields.
+    fn schema(&self) -> SchemaRef;
+
+    /// Name of the column that holds the record key.
+    fn key_column(&self) -> &str;
+
+    /// Number of records, when known before reading.
+    fn len_hint(&self) -> Option<u64>;
+
+    /// Reads the next batch; `None` once the source is exhausted.
+    fn next_batch(&mut self) -> Result<Option<Batch>, SourceError>;
+}
+
+/// Opens the configured source.
+pub fn open(config: &SourceConfig) -> Result<Box<dyn Source>, SourceError> {
+    Ok(match config {
+        SourceConfig::Images(c) => Box::new(ImagesSource::open(c)?),
+        SourceConfig::ArrowFile(c) => Box::new(ArrowFileSource::open(c)?),
+        SourceConfig::Npy(c) => Box::new(NpySource::open(c)?),
+    })
+}

@@ -1,0 +1,112 @@
+//! The `add_noise` stage: Gaussian noise on a tensor column.
+//!
+//! Each row gets `mean + std * z` added element by element, with `z` drawn
+//! from the row's own stream (seed, stage name, record key, sample index),
+//! then the optional clip range applied. Float data is never clipped unless
+//! a range is configured; uint8 data is rounded and saturates at 0 and 255.
+
+use arrow::datatypes::SchemaRef;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::{PlanContext, Planned, Stage, StageError, schema_with, with_column};
+use crate::batch::{Batch, Keys, sample_indices};
+use crate::config::{AddNoiseConfig, ConfigProblem};
+use crate::rng::StageRng;
+use crate::tensor::{self, ElementType, TensorType};
+
+pub struct AddNoise {
+    name: String,
+    column: String,
+    output: String,
+    tensor: TensorType,
+    mean: f32,
+    std: f32,
+    clip: Option<(f32, f32)>,
+    rng: StageRng,
+    key_column: String,
+    schema: SchemaRef,
+    workers: usize,
+}
+
+impl AddNoise {
+    pub fn plan(config: &AddNoiseConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
+        let name = config.name.clone().unwrap_or_else(|| String::from("add_noise"));
+        let tensor = context.tensor_column("column", &config.column).map_err(|p| vec![p])?;
+        let output = config.output.clone().unwrap_or_else(|| config.column.clone());
+        let schema = schema_with(context.input, tensor.field(&output));
+        let stage = Self {
+            rng: StageRng::new(context.seed, &name),
+            name,
+            column: config.column.clone(),
+            output,
+            tensor,
+            mean: config.mean as f32,
+            std: config.std as f32,
+            clip: config.clip.map(|[low, high]| (low as f32, high as f32)),
+            key_column: context.key_column.to_string(),
+            schema: schema.clone(),
+            workers: context.workers,
+        };
+        Ok((Box::new(stage), schema))
+    }
+
+    /// Adds noise to one row's values in place.
+    fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32) {
+        let mut rng = self.rng.stream(key, sample);
+        for value in values.iter_mut() {
+            let z: f32 = StandardNormal.sample(&mut rng);
+            *value += self.mean + self.std * z;
+        }
+        if let Some((low, high)) = self.clip {
+            for value in values.iter_mut() {
+                *value = value.clamp(low, high);
+            }
+        }
+    }
+}
+
+impl Stage for AddNoise {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn concurrency(&self) -> usize {
+        self.workers
+    }
+
+    fn process(&self, mut batch: Batch) -> Result<Batch, StageError> {
+        let data = &batch.data;
+        let column = data.column_by_name(&self.column).expect("the planned column exists");
+        let keys = Keys::new(data, &self.key_column).expect("the key column is checked when planning");
+        let samples = sample_indices(data);
+        let row_len = self.tensor.len();
+        let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
+
+        let noisy = match self.tensor.element {
+            ElementType::Float32 => {
+                let mut values = tensor::f32_values(column).map_err(error)?.to_vec();
+                for (row, chunk) in values.chunks_exact_mut(row_len.max(1)).enumerate() {
+                    self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row]);
+                }
+                tensor::build_f32(&self.tensor, values)
+            }
+            ElementType::UInt8 => {
+                let source = tensor::u8_values(column).map_err(error)?;
+                let mut values = Vec::with_capacity(source.len());
+                let mut row_buffer = vec![0f32; row_len];
+                for (row, chunk) in source.chunks_exact(row_len.max(1)).enumerate() {
+                    for (target, &value) in row_buffer.iter_mut().zip(chunk) {
+                        *target = f32::from(value);
+                    }
+                    self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row]);
+                    values.extend(row_buffer.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
+                }
+                tensor::build_u8(&self.tensor, values)
+            }
+        }
+        .map_err(error)?;
+
+        batch.data = with_column(data, &self.schema, &self.output, noisy);
+        Ok(batch)
+    }
+}
