@@ -102,8 +102,8 @@ impl TensorInfo {
         format!("[{}]", dims.join(", "))
     }
 
-    pub fn element_name(&self) -> String {
-        self.element.map(|e| format!("{e}")).unwrap_or_else(|| String::from("non-tensor"))
+    pub fn element_name(&self) -> &'static str {
+        self.element.map(element_name).unwrap_or("non-tensor")
     }
 }
 
@@ -120,5 +120,27 @@ impl Signature {
             inputs: session.inputs().iter().map(|o| TensorInfo::from_outlet(o.name(), o.dtype())).collect(),
             outputs: session.outputs().iter().map(|o| TensorInfo::from_outlet(o.name(), o.dtype())).collect(),
         }
+    }
+}
+
+/// Names an element type as ONNX does (`float32`, `int64`), where ONNX
+/// Runtime's own display uses Rust names (`f32`).
+pub fn element_name(element: TensorElementType) -> &'static str {
+    match element {
+        TensorElementType::Float32 => "float32",
+        TensorElementType::Float64 => "float64",
+        TensorElementType::Float16 => "float16",
+        TensorElementType::Bfloat16 => "bfloat16",
+        TensorElementType::Uint8 => "uint8",
+        TensorElementType::Int8 => "int8",
+        TensorElementType::Uint16 => "uint16",
+        TensorElementType::Int16 => "int16",
+        TensorElementType::Uint32 => "uint32",
+        TensorElementType::Int32 => "int32",
+        TensorElementType::Uint64 => "uint64",
+        TensorElementType::Int64 => "int64",
+        TensorElementType::Bool => "bool",
+        TensorElementType::String => "string",
+        _ => "an unsupported type",
     }
 }

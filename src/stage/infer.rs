@@ -326,7 +326,7 @@ fn check_constant(input: &TensorInfo, constant: &ConstantConfig, key: &str, cont
         ConstantType::Bool => TensorElementType::Bool,
     };
     if input.element != Some(expected) {
-        return Err(context.problem(key, format!("model input {:?} takes {}, the constant is {expected}; set `dtype`", input.name, input.element_name())));
+        return Err(context.problem(key, format!("model input {:?} takes {}, the constant is {}; set `dtype`", input.name, input.element_name(), crate::model::session::element_name(expected))));
     }
     let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
     let fits = shape.len() == input.dims.len() && input.dims.iter().zip(&shape).all(|(dim, size)| dim.is_none_or(|d| d == *size));
