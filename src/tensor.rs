@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, ArrowPrimitiveType, FixedSizeListArray, PrimitiveArray,
-};
+use arrow::array::{Array, ArrayRef, ArrowPrimitiveType, FixedSizeListArray, PrimitiveArray};
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type};
 use arrow::error::ArrowError;
@@ -95,14 +93,7 @@ impl TensorType {
             return None;
         };
         let element = ElementType::from_arrow(item.data_type())?;
-        let metadata = field.metadata();
-        let declared = (metadata.get(EXTENSION_NAME_KEY).map(String::as_str) == Some(FIXED_SHAPE_TENSOR))
-            .then(|| metadata.get(EXTENSION_METADATA_KEY))
-            .flatten()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
-            .and_then(|value| serde_json::from_value::<Vec<usize>>(value.get("shape")?.clone()).ok())
-            .filter(|shape| shape.iter().product::<usize>() == *size as usize);
-        let shape = declared.unwrap_or_else(|| vec![*size as usize]);
+        let shape = declared_shape(field).unwrap_or_else(|| vec![*size as usize]);
         Some(Self { element, shape })
     }
 
@@ -111,20 +102,37 @@ impl TensorType {
     }
 }
 
+/// Reads the shape a field declares with the `arrow.fixed_shape_tensor`
+/// extension type, whatever its element type. A shape whose element count
+/// differs from the list size is ignored.
+pub fn declared_shape(field: &Field) -> Option<Vec<usize>> {
+    let DataType::FixedSizeList(_, size) = field.data_type() else {
+        return None;
+    };
+    let metadata = field.metadata();
+    if metadata.get(EXTENSION_NAME_KEY).map(String::as_str) != Some(FIXED_SHAPE_TENSOR) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(metadata.get(EXTENSION_METADATA_KEY)?).ok()?;
+    let shape: Vec<usize> = serde_json::from_value(value.get("shape")?.clone()).ok()?;
+    (shape.iter().product::<usize>() == *size as usize).then_some(shape)
+}
+
 /// Returns the flat values of a fixed-size-list column of primitive `T`.
 /// Slicing a `FixedSizeListArray` slices its child, so the child's values are
 /// exactly the column's rows.
 pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], ArrowError> {
-    let list = column
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .ok_or_else(|| ArrowError::InvalidArgumentError(format!("expected a tensor column, found {}", column.data_type())))?;
+    let list = column.as_any().downcast_ref::<FixedSizeListArray>().ok_or_else(|| {
+        ArrowError::InvalidArgumentError(format!("expected a tensor column, found {}", column.data_type()))
+    })?;
     let size = list.value_length() as usize;
-    let items = list
-        .values()
-        .as_any()
-        .downcast_ref::<PrimitiveArray<T>>()
-        .ok_or_else(|| ArrowError::InvalidArgumentError(format!("expected {} tensor values, found {}", T::DATA_TYPE, list.values().data_type())))?;
+    let items = list.values().as_any().downcast_ref::<PrimitiveArray<T>>().ok_or_else(|| {
+        ArrowError::InvalidArgumentError(format!(
+            "expected {} tensor values, found {}",
+            T::DATA_TYPE,
+            list.values().data_type()
+        ))
+    })?;
     Ok(&items.values()[..list.len() * size])
 }
 

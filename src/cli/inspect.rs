@@ -11,8 +11,10 @@ use sha2::{Digest, Sha256};
 use crate::model::proto::{self, GraphProto, ValueInfoProto};
 
 pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(model_path).with_context(|| format!("cannot read model file {}", model_path.display()))?;
-    let model = proto::decode(&bytes).with_context(|| format!("{} is not an ONNX model (protobuf decoding failed)", model_path.display()))?;
+    let bytes =
+        std::fs::read(model_path).with_context(|| format!("cannot read model file {}", model_path.display()))?;
+    let model = proto::decode(&bytes)
+        .with_context(|| format!("{} is not an ONNX model (protobuf decoding failed)", model_path.display()))?;
     let graph = model.graph.clone().unwrap_or_default();
     let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
 
@@ -22,14 +24,21 @@ pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
     let opsets: Vec<String> = model
         .opset_import
         .iter()
-        .map(|o| format!("{} {}", o.domain.as_deref().filter(|d| !d.is_empty()).unwrap_or("ai.onnx"), o.version.unwrap_or_default()))
+        .map(|o| {
+            format!(
+                "{} {}",
+                o.domain.as_deref().filter(|d| !d.is_empty()).unwrap_or("ai.onnx"),
+                o.version.unwrap_or_default()
+            )
+        })
         .collect();
     println!("  opsets: {}", opsets.join(", "));
     if let Some(producer) = model.producer_name.as_deref().filter(|p| !p.is_empty()) {
         println!("  producer: {producer} {}", model.producer_version.as_deref().unwrap_or_default());
     }
 
-    let initializers: HashMap<&str, &proto::TensorProto> = graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
+    let initializers: HashMap<&str, &proto::TensorProto> =
+        graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
     println!("inputs:");
     for input in &graph.input {
         let name = input.name.as_deref().unwrap_or_default();

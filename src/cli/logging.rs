@@ -16,7 +16,12 @@ static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 pub fn init() {
     let filter = EnvFilter::try_from_env("STOCHFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn,stochflow=info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(BarAwareWriter).with_target(false).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(BarAwareWriter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 /// Makes log lines print above `bar` until [`clear_bar`].

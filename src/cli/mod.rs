@@ -49,7 +49,18 @@ enum Command {
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit with 1 so that 2 keeps meaning "finished, records skipped".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::from(1);
+        }
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     logging::init();
     let result = match cli.command {
         Command::Run { pipeline, seed, output } => run::run(&pipeline, seed, output.as_deref()),

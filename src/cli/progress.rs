@@ -18,9 +18,13 @@ pub fn spawn(counters: Arc<Counters>, total: Option<u64>) -> tokio::task::JoinHa
     if std::io::stderr().is_terminal() {
         let bar = match total {
             Some(total) => ProgressBar::new(total).with_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}  {msg}").expect("the template is valid"),
+                ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}  {msg}")
+                    .expect("the template is valid"),
             ),
-            None => ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {pos} records  {per_sec}  {msg}").expect("the template is valid")),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {pos} records  {per_sec}  {msg}")
+                    .expect("the template is valid"),
+            ),
         };
         super::logging::set_bar(&bar);
         tokio::spawn(async move {

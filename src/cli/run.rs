@@ -28,11 +28,14 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         let counters = Arc::new(Counters::default());
         let progress = super::progress::spawn(counters.clone(), total);
         let signal_counters = counters.clone();
+        let partial = sink.partial_path().to_path_buf();
         let signals = tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 tracing::warn!("interrupt received; finishing the records already read, press Ctrl-C again to abort");
                 signal_counters.stop.store(true, Ordering::Relaxed);
                 if tokio::signal::ctrl_c().await.is_ok() {
+                    // Exiting skips the sink's cleanup, so its partial file is removed here.
+                    let _ = std::fs::remove_file(&partial);
                     std::process::exit(i32::from(super::EXIT_INTERRUPTED));
                 }
             }

@@ -10,7 +10,8 @@ pub fn validate(pipeline_file: &Path) -> anyhow::Result<ExitCode> {
     let loaded = config::load(pipeline_file, None, None)?;
     let pipeline = runtime::plan(&loaded)?;
     let stages: Vec<&str> = pipeline.stages.iter().map(|s| s.name()).collect();
-    let columns: Vec<String> = pipeline.output_schema.fields().iter().map(|f| format!("{} ({})", f.name(), describe(f))).collect();
+    let columns: Vec<String> =
+        pipeline.output_schema.fields().iter().map(|f| format!("{} ({})", f.name(), describe(f))).collect();
     println!("{} is valid", pipeline_file.display());
     println!("  source: {} (key column {:?})", loaded.config.source.kind(), pipeline.key_column);
     println!("  stages: {}", if stages.is_empty() { String::from("none") } else { stages.join(" -> ") });

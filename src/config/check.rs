@@ -16,7 +16,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     if let SourceConfig::ArrowFile(source) = &config.source {
         for (column, tensor) in &source.tensors {
             if tensor.shape.is_empty() || tensor.shape.contains(&0) {
-                push(format!("source.tensors.{column}.shape"), format!("must be a non-empty list of positive sizes, found {:?}", tensor.shape));
+                push(
+                    format!("source.tensors.{column}.shape"),
+                    format!("must be a non-empty list of positive sizes, found {:?}", tensor.shape),
+                );
             }
         }
     }
@@ -32,7 +35,13 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     for (index, stage) in config.stages.iter().enumerate() {
         let at = |key: &str| format!("stages[{index}].{key}");
         if !names.insert(stage.name().to_string()) {
-            push(at("name"), format!("stage name {:?} is used twice; give each stage a unique `name` (it also keys the stage's random streams)", stage.name()));
+            push(
+                at("name"),
+                format!(
+                    "stage name {:?} is used twice; give each stage a unique `name` (it also keys the stage's random streams)",
+                    stage.name()
+                ),
+            );
         }
         match stage {
             StageConfig::Preprocess(c) => {
@@ -41,7 +50,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                     if let Some(values) = values
                         && values.len() != channels
                     {
-                        push(at(key), format!("has {} values but color {:?} has {channels} channels", values.len(), c.color));
+                        push(
+                            at(key),
+                            format!("has {} values but color {} has {channels} channels", values.len(), c.color.name()),
+                        );
                     }
                 }
                 if let Some(std) = &c.std
@@ -49,22 +61,42 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 {
                     push(at("std"), format!("every value must be positive, found {std:?}"));
                 }
+                if let Some(mean) = &c.mean
+                    && mean.iter().any(|m| !m.is_finite())
+                {
+                    push(at("mean"), format!("every value must be a finite number, found {mean:?}"));
+                }
                 if c.mean.is_some() != c.std.is_some() {
                     push(at("mean"), "normalization needs both `mean` and `std`".into());
                 }
                 if c.dtype == super::TensorDtype::Uint8 && c.mean.is_some() {
-                    push(at("dtype"), "uint8 output cannot hold normalized values; use dtype float32 or drop mean and std".into());
+                    push(
+                        at("dtype"),
+                        "uint8 output cannot hold normalized values; use dtype float32 or drop mean and std".into(),
+                    );
                 }
                 if let Some(resize) = &c.resize {
-                    let exact = resize.width.is_some() || resize.height.is_some();
-                    let valid = match (resize.width, resize.height, resize.shorter_side) {
-                        (Some(w), Some(h), None) => w > 0 && h > 0,
-                        (None, None, Some(side)) => side > 0,
-                        _ => false,
-                    };
-                    if !valid {
-                        let hint = if exact && resize.shorter_side.is_some() { "not both" } else { "all positive" };
-                        push(at("resize"), format!("give either `width` and `height`, or `shorter_side` ({hint})"));
+                    match (resize.width, resize.height, resize.shorter_side) {
+                        (Some(w), Some(h), None) if w > 0 && h > 0 => {}
+                        (None, None, Some(side)) if side > 0 => {}
+                        (Some(_), Some(_), None) | (None, None, Some(_)) => {
+                            push(at("resize"), String::from("sizes must be positive"));
+                        }
+                        (_, _, Some(_)) => {
+                            push(
+                                at("resize"),
+                                String::from("give either `width` and `height`, or `shorter_side`, not both"),
+                            );
+                        }
+                        _ => push(at("resize"), String::from("give both `width` and `height`, or `shorter_side`")),
+                    }
+                    if let (Some(w), Some(h), Some(crop)) = (resize.width, resize.height, &c.center_crop)
+                        && (crop.width > w || crop.height > h)
+                    {
+                        push(
+                            at("center_crop"),
+                            format!("the {}x{} crop is larger than the {w}x{h} resized image", crop.width, crop.height),
+                        );
                     }
                 }
                 if let Some(crop) = &c.center_crop
@@ -80,10 +112,12 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 if !c.mean.is_finite() {
                     push(at("mean"), format!("must be a finite number, found {}", c.mean));
                 }
-                if let Some([low, high]) = c.clip
-                    && !(low <= high)
-                {
-                    push(at("clip"), format!("lower bound {low} is above upper bound {high}"));
+                if let Some([low, high]) = c.clip {
+                    if low.is_nan() || high.is_nan() {
+                        push(at("clip"), String::from("bounds must be numbers; use .inf or -.inf for an open side"));
+                    } else if low > high {
+                        push(at("clip"), format!("lower bound {low} is above upper bound {high}"));
+                    }
                 }
             }
             StageConfig::Infer(c) => {
@@ -96,11 +130,20 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 if c.inputs.is_empty() {
                     push(at("inputs"), "map at least one model input to a column".into());
                 }
+                if c.outputs.as_ref().is_some_and(|outputs| outputs.is_empty()) {
+                    push(
+                        at("outputs"),
+                        "keep at least one model output, or leave `outputs` out to keep them all".into(),
+                    );
+                }
                 for (input, constant) in &c.constants {
                     let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
                     let expected: usize = shape.iter().product();
                     if expected != constant.values.len() {
-                        push(format!("stages[{index}].constants.{input}"), format!("shape {shape:?} needs {expected} values, found {}", constant.values.len()));
+                        push(
+                            format!("stages[{index}].constants.{input}"),
+                            format!("shape {shape:?} needs {expected} values, found {}", constant.values.len()),
+                        );
                     }
                 }
             }

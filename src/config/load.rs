@@ -76,7 +76,8 @@ impl LoadedConfig {
 /// seed and sink path; `output` is taken relative to the working directory,
 /// the file's own paths relative to the file.
 pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
     let mut config: PipelineConfig = serde_yaml_ng::from_str(&text)
         .map_err(|err| ConfigError::Syntax { file: file.to_path_buf(), message: err.to_string() })?;
 

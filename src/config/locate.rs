@@ -79,12 +79,14 @@ impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         match event {
             Event::Scalar(value, ..) => {
-                if self.enter_node(mark).is_none() {
-                    let (parent, container) = self.stack.last_mut().expect("a key is inside a mapping");
-                    let path = if parent.is_empty() { value.clone() } else { format!("{parent}.{value}") };
-                    self.positions.insert(path, (mark.line(), mark.col() + 1));
-                    *container = Container::Mapping { expecting_key: false, key: Some(value) };
+                if self.enter_node(mark).is_some() {
+                    // A value, or a sequence item: nothing more to record.
+                    return;
                 }
+                let (parent, container) = self.stack.last_mut().expect("a key is inside a mapping");
+                let path = if parent.is_empty() { value.clone() } else { format!("{parent}.{value}") };
+                self.positions.insert(path, (mark.line(), mark.col() + 1));
+                *container = Container::Mapping { expecting_key: false, key: Some(value) };
             }
             Event::MappingStart(..) => {
                 let path = self.enter_node(mark).unwrap_or_default();

@@ -7,16 +7,18 @@
 mod check;
 mod load;
 mod locate;
+mod sink;
 mod source;
 mod stage;
-mod sink;
 
 use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
-pub use source::{ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig};
+pub use source::{
+    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,
+};
 pub use stage::{
     AddNoiseConfig, ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, NoiseKind,
     PreprocessConfig, ResizeConfig, ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,

@@ -85,6 +85,16 @@ pub enum ColorOrder {
 }
 
 impl ColorOrder {
+    /// The name used in pipeline files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColorOrder::Rgb => "rgb",
+            ColorOrder::Bgr => "bgr",
+            ColorOrder::Gray => "gray",
+            ColorOrder::Rgba => "rgba",
+        }
+    }
+
     pub fn channels(self) -> usize {
         match self {
             ColorOrder::Rgb | ColorOrder::Bgr => 3,

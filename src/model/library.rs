@@ -48,7 +48,8 @@ pub fn environment() -> Result<Environment, LibraryError> {
     let result = ENVIRONMENT.get_or_init(|| {
         let path = find().map_err(|err| err.to_string())?;
         tracing::debug!(library = %path.display(), "loading ONNX Runtime");
-        let builder = ort::init_from(&path).map_err(|err| LibraryError::Load { path: path.clone(), message: err.to_string() }.to_string())?;
+        let builder = ort::init_from(&path)
+            .map_err(|err| LibraryError::Load { path: path.clone(), message: err.to_string() }.to_string())?;
         builder
             .with_name("stochflow")
             .build()
@@ -109,11 +110,10 @@ fn cache_dir() -> PathBuf {
 /// Asks Python where its `onnxruntime` package is. Returns the reason when
 /// the package is missing or of another release.
 fn from_python_package(python: &str) -> Result<PathBuf, String> {
-    const PROBE: &str = "import os, onnxruntime; print(onnxruntime.__version__); print(os.path.dirname(onnxruntime.__file__))";
-    let output = Command::new(python)
-        .args(["-c", PROBE])
-        .output()
-        .map_err(|err| format!("{python} did not start: {err}"))?;
+    const PROBE: &str =
+        "import os, onnxruntime; print(onnxruntime.__version__); print(os.path.dirname(onnxruntime.__file__))";
+    let output =
+        Command::new(python).args(["-c", PROBE]).output().map_err(|err| format!("{python} did not start: {err}"))?;
     if !output.status.success() {
         return Err(format!("{python} has no onnxruntime package"));
     }
@@ -125,11 +125,7 @@ fn from_python_package(python: &str) -> Result<PathBuf, String> {
         return Err(format!("{python} has onnxruntime {version}, not {ORT_MINOR}x"));
     }
     let library = dir.join("capi").join(format!("libonnxruntime.so.{version}"));
-    if library.exists() {
-        Ok(library)
-    } else {
-        Err(format!("{} is missing", library.display()))
-    }
+    if library.exists() { Ok(library) } else { Err(format!("{} is missing", library.display())) }
 }
 
 /// Downloads the `onnxruntime` wheel with pip and extracts its shared
@@ -145,7 +141,8 @@ fn download_into(python: &str, target: &Path) -> Result<(), String> {
     tracing::info!(version = ORT_VERSION, cache = %target.display(), "downloading ONNX Runtime with pip (once)");
     let result = fetch_wheel(python, &staging).and_then(|()| extract_libraries(python, &staging));
     let outcome = result.and_then(|()| {
-        std::fs::rename(staging.join("lib"), target).map_err(|err| format!("cannot move the library into {}: {err}", target.display()))
+        std::fs::rename(staging.join("lib"), target)
+            .map_err(|err| format!("cannot move the library into {}: {err}", target.display()))
     });
     let _ = std::fs::remove_dir_all(&staging);
     if outcome.is_err() && target.exists() {

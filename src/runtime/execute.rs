@@ -111,7 +111,7 @@ pub async fn execute(pipeline: Pipeline, sink: ArrowFileSink, counters: Arc<Coun
         while let Some(batch) = rx.blocking_recv() {
             for rejected in &batch.rejected {
                 let count = sink_counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                if count <= REJECTION_LOG_LIMIT || count % REJECTION_LOG_EVERY == 0 {
+                if count <= REJECTION_LOG_LIMIT || count.is_multiple_of(REJECTION_LOG_EVERY) {
                     tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = count, "record skipped");
                 }
                 if count == REJECTION_LOG_LIMIT {
@@ -157,7 +157,11 @@ pub async fn execute(pipeline: Pipeline, sink: ArrowFileSink, counters: Arc<Coun
 
 /// Runs one stage over its input, `concurrency()` batches at a time on
 /// blocking threads, sending results in input order.
-async fn run_stage(stage: Arc<dyn crate::stage::Stage>, input: mpsc::Receiver<Batch>, output: mpsc::Sender<Batch>) -> Result<(), RunError> {
+async fn run_stage(
+    stage: Arc<dyn crate::stage::Stage>,
+    input: mpsc::Receiver<Batch>,
+    output: mpsc::Sender<Batch>,
+) -> Result<(), RunError> {
     let span = tracing::info_span!("stage", name = %stage.name());
     let concurrency = stage.concurrency().max(1);
     let mut results = ReceiverStream::new(input)

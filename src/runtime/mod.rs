@@ -6,4 +6,4 @@ mod plan;
 mod rebatch;
 
 pub use execute::{Counters, RunError, Summary, execute};
-pub use plan::{PlanError, Pipeline, plan};
+pub use plan::{Pipeline, PlanError, plan};

@@ -57,7 +57,13 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
     let mut stage_inputs = Vec::new();
     let mut problems = Vec::new();
     for (index, stage_config) in config.stages.iter().enumerate() {
-        let context = PlanContext { seed: config.seed, index, input: &schema, key_column: &key_column, workers: config.runtime.workers };
+        let context = PlanContext {
+            seed: config.seed,
+            index,
+            input: &schema,
+            key_column: &key_column,
+            workers: config.runtime.workers,
+        };
         match stage::plan(stage_config, &context) {
             Ok((stage, output)) => {
                 stages.push(Arc::from(stage));
@@ -87,7 +93,10 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
             Ok(index) => projection.push(index),
             Err(_) => problems.push(ConfigProblem::new(
                 format!("sink.columns[{i}]"),
-                format!("column {name:?} does not reach the sink; available columns: {}", schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "column {name:?} does not reach the sink; available columns: {}",
+                    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                ),
             )),
         }
     }
@@ -108,7 +117,16 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
     let fields: Vec<_> = projection.iter().map(|&i| schema.field(i).clone()).collect();
     let output_schema = Arc::new(Schema::new_with_metadata(fields, metadata));
 
-    Ok(Pipeline { source, stages, stage_inputs, schema, output_schema, projection, key_column, channel_capacity: config.runtime.channel_capacity })
+    Ok(Pipeline {
+        source,
+        stages,
+        stage_inputs,
+        schema,
+        output_schema,
+        projection,
+        key_column,
+        channel_capacity: config.runtime.channel_capacity,
+    })
 }
 
 /// Formats an error with its causes, as "error: cause: cause".

@@ -50,7 +50,13 @@ pub struct ArrowFileSink {
 impl ArrowFileSink {
     /// Creates the partial file and writes the schema. `schema` is the
     /// written schema, `projection` picks its columns from each batch.
-    pub fn create(path: &Path, schema: SchemaRef, projection: Vec<usize>, compression: Compression, rows_per_batch: usize) -> Result<Self, SinkError> {
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        projection: Vec<usize>,
+        compression: Compression,
+        rows_per_batch: usize,
+    ) -> Result<Self, SinkError> {
         let io_error = |source| SinkError::Io { path: path.to_path_buf(), source };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io_error)?;
@@ -60,7 +66,8 @@ impl ArrowFileSink {
         let partial = PathBuf::from(partial);
 
         let file = File::create(&partial).map_err(io_error)?;
-        let arrow_error = |err: arrow::error::ArrowError| SinkError::Arrow { path: path.to_path_buf(), message: err.to_string() };
+        let arrow_error =
+            |err: arrow::error::ArrowError| SinkError::Arrow { path: path.to_path_buf(), message: err.to_string() };
         let options = IpcWriteOptions::default()
             .try_with_compression(match compression {
                 Compression::None => None,
@@ -69,11 +76,25 @@ impl ArrowFileSink {
             })
             .map_err(arrow_error)?;
         let writer = FileWriter::try_new_with_options(BufWriter::new(file), &schema, options).map_err(arrow_error)?;
-        Ok(Self { path: path.to_path_buf(), partial, writer: Some(writer), schema, projection, rows_per_batch, pending: Vec::new(), pending_rows: 0 })
+        Ok(Self {
+            path: path.to_path_buf(),
+            partial,
+            writer: Some(writer),
+            schema,
+            projection,
+            rows_per_batch,
+            pending: Vec::new(),
+            pending_rows: 0,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The temporary name the file has until it is committed.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
     }
 
     /// Buffers a batch and writes every full record batch.
@@ -82,7 +103,8 @@ impl ArrowFileSink {
             return Ok(());
         }
         let projected = batch.project(&self.projection).map_err(|err| self.arrow_error(err))?;
-        let projected = RecordBatch::try_new(self.schema.clone(), projected.columns().to_vec()).map_err(|err| self.arrow_error(err))?;
+        let projected = RecordBatch::try_new(self.schema.clone(), projected.columns().to_vec())
+            .map_err(|err| self.arrow_error(err))?;
         self.pending_rows += projected.num_rows();
         self.pending.push(projected);
         if self.pending_rows >= self.rows_per_batch {
@@ -104,7 +126,9 @@ impl ArrowFileSink {
             let length = self.rows_per_batch.min(joined.num_rows() - offset);
             let chunk = joined.slice(offset, length);
             let writer = self.writer.as_mut().expect("the writer is open until finish");
-            writer.write(&chunk).map_err(|err| SinkError::Arrow { path: self.path.clone(), message: err.to_string() })?;
+            writer
+                .write(&chunk)
+                .map_err(|err| SinkError::Arrow { path: self.path.clone(), message: err.to_string() })?;
             offset += length;
         }
         self.pending_rows = joined.num_rows() - offset;
@@ -120,7 +144,8 @@ impl ArrowFileSink {
         let mut writer = self.writer.take().expect("the writer is open until finish");
         writer.finish().map_err(|err| self.arrow_error(err))?;
         let file = writer.into_inner().map_err(|err| self.arrow_error(err))?;
-        let file = file.into_inner().map_err(|err| SinkError::Io { path: self.path.clone(), source: err.into_error() })?;
+        let file =
+            file.into_inner().map_err(|err| SinkError::Io { path: self.path.clone(), source: err.into_error() })?;
         let io_error = |source| SinkError::Io { path: self.path.clone(), source };
         file.sync_all().map_err(io_error)?;
         drop(file);

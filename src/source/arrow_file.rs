@@ -68,7 +68,10 @@ impl ArrowFileSource {
         if let Some(id) = &config.id_column {
             let index = file_schema.index_of(id).map_err(|_| unknown(String::from("source.id_column"), id))?;
             let data_type = file_schema.field(index).data_type();
-            if !matches!(data_type, DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8) {
+            if !matches!(
+                data_type,
+                DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8
+            ) {
                 return Err(SourceError::Config {
                     path: String::from("source.id_column"),
                     message: format!("id column {id:?} has type {data_type}; use an integer or string column"),
@@ -84,17 +87,30 @@ impl ArrowFileSource {
             let key = format!("source.tensors.{name}");
             let index = file_schema.index_of(name).map_err(|_| unknown(key.clone(), name))?;
             let item = match file_schema.field(index).data_type() {
-                DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => item.data_type().clone(),
+                DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
+                    item.data_type().clone()
+                }
                 other => {
-                    return Err(SourceError::Config { path: key, message: format!("column {name:?} has type {other}; a tensor column must be a list of numbers") });
+                    return Err(SourceError::Config {
+                        path: key,
+                        message: format!("column {name:?} has type {other}; a tensor column must be a list of numbers"),
+                    });
                 }
             };
             if !item.is_numeric() {
-                return Err(SourceError::Config { path: key, message: format!("column {name:?} holds {item} values; a tensor column must hold numbers") });
+                return Err(SourceError::Config {
+                    path: key,
+                    message: format!("column {name:?} holds {item} values; a tensor column must hold numbers"),
+                });
             }
             tensors.insert(name.clone(), TensorType::new(ElementType::Float32, shape.shape.clone()));
             if !projection.contains(&index) {
-                return Err(unknown(key, name));
+                return Err(SourceError::Config {
+                    path: key,
+                    message: format!(
+                        "column {name:?} is listed under `tensors` but not under `columns`; add it to `columns`"
+                    ),
+                });
             }
         }
 
@@ -109,7 +125,7 @@ impl ArrowFileSource {
                 && item.data_type().is_numeric()
             {
                 let element = ElementType::from_arrow(item.data_type()).unwrap_or(ElementType::Float32);
-                let shape = TensorType::of_field(field).map(|t| t.shape).unwrap_or_else(|| vec![*size as usize]);
+                let shape = crate::tensor::declared_shape(field).unwrap_or_else(|| vec![*size as usize]);
                 tensors.insert(field.name().clone(), TensorType::new(element, shape));
             }
         }
@@ -159,6 +175,14 @@ impl ArrowFileSource {
             }
         }
         let data = RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the source schema");
+        if !self.add_ordinal {
+            let ids = data.column_by_name(&self.key_column).expect("the id column is read");
+            for (row, problem) in problems.iter_mut().enumerate() {
+                if ids.is_null(row) && problem.is_none() {
+                    *problem = Some(format!("the id column {:?} is null", self.key_column));
+                }
+            }
+        }
         if problems.iter().all(Option::is_none) {
             return Ok(Batch::new(data, Vec::new()));
         }
@@ -167,7 +191,13 @@ impl ArrowFileSource {
         let rejected = problems
             .iter()
             .enumerate()
-            .filter_map(|(row, problem)| problem.as_ref().map(|reason| Rejected { key: keys.get(row), component: String::from("source"), reason: reason.clone() }))
+            .filter_map(|(row, problem)| {
+                problem.as_ref().map(|reason| Rejected {
+                    key: keys.get(row),
+                    component: String::from("source"),
+                    reason: reason.clone(),
+                })
+            })
             .collect();
         let keep = BooleanArray::from(problems.iter().map(Option::is_none).collect::<Vec<_>>());
         let data = filter_record_batch(&data, &keep).expect("the mask has one entry per row");
@@ -178,7 +208,12 @@ impl ArrowFileSource {
 /// Converts a list column to a tensor column, recording a problem for each
 /// null or wrong-length row. Rejected rows are filled with zeros so that the
 /// column stays fixed-size until they are filtered out.
-fn to_tensor(column: &ArrayRef, tensor: &TensorType, name: &str, problems: &mut [Option<String>]) -> Result<ArrayRef, SourceError> {
+fn to_tensor(
+    column: &ArrayRef,
+    tensor: &TensorType,
+    name: &str,
+    problems: &mut [Option<String>],
+) -> Result<ArrayRef, SourceError> {
     let size = tensor.len();
     let element_type = tensor.element.arrow_type();
 
@@ -196,8 +231,11 @@ fn to_tensor(column: &ArrayRef, tensor: &TensorType, name: &str, problems: &mut 
     }
 
     let mut values = Vec::with_capacity(column.len());
-    let cast_error = |err: arrow::error::ArrowError| SourceError::Config { path: format!("source.tensors.{name}"), message: err.to_string() };
-    for row in 0..column.len() {
+    let cast_error = |err: arrow::error::ArrowError| SourceError::Config {
+        path: format!("source.tensors.{name}"),
+        message: err.to_string(),
+    };
+    for (row, row_problem) in problems.iter_mut().enumerate() {
         let item: Option<ArrayRef> = if column.is_null(row) {
             None
         } else {
@@ -210,7 +248,9 @@ fn to_tensor(column: &ArrayRef, tensor: &TensorType, name: &str, problems: &mut 
         };
         let problem = match &item {
             None => Some(format!("column {name:?} is null")),
-            Some(item) if item.len() != size => Some(format!("column {name:?} has {} values, expected {size} for shape {:?}", item.len(), tensor.shape)),
+            Some(item) if item.len() != size => {
+                Some(format!("column {name:?} has {} values, expected {size} for shape {:?}", item.len(), tensor.shape))
+            }
             Some(item) if item.null_count() > 0 => Some(format!("column {name:?} contains null values")),
             Some(_) => None,
         };
@@ -220,17 +260,23 @@ fn to_tensor(column: &ArrayRef, tensor: &TensorType, name: &str, problems: &mut 
                 values.push(converted);
             }
             (problem, _) => {
-                problems[row] = problems[row].take().or(problem);
+                *row_problem = row_problem.take().or(problem);
                 values.push(arrow::array::new_null_array(&element_type, size));
             }
         }
     }
     let parts: Vec<&dyn Array> = values.iter().map(|a| a.as_ref()).collect();
-    let flat = if parts.is_empty() { arrow::array::new_empty_array(&element_type) } else { arrow::compute::concat(&parts).map_err(cast_error)? };
+    let flat = if parts.is_empty() {
+        arrow::array::new_empty_array(&element_type)
+    } else {
+        arrow::compute::concat(&parts).map_err(cast_error)?
+    };
     // Null placeholders in rejected rows become zeros in the flat buffer.
     let result = match tensor.element {
         ElementType::Float32 => tensor::build_f32(tensor, flat.as_primitive::<Float32Type>().values().to_vec()),
-        ElementType::UInt8 => tensor::build_u8(tensor, flat.as_primitive::<arrow::datatypes::UInt8Type>().values().to_vec()),
+        ElementType::UInt8 => {
+            tensor::build_u8(tensor, flat.as_primitive::<arrow::datatypes::UInt8Type>().values().to_vec())
+        }
     };
     result.map_err(cast_error)
 }
@@ -255,7 +301,11 @@ impl Source for ArrowFileSource {
                 None => return Ok(None),
                 Some(Ok(batch)) => batch,
                 Some(Err(err)) => {
-                    return Err(SourceError::Format { path: self.path.clone(), format: "Arrow IPC", message: err.to_string() });
+                    return Err(SourceError::Format {
+                        path: self.path.clone(),
+                        format: "Arrow IPC",
+                        message: err.to_string(),
+                    });
                 }
             },
         };

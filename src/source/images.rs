@@ -57,7 +57,8 @@ fn list_files(path: &Path, recursive: bool) -> Result<Vec<(PathBuf, String)>, So
     let is_glob = pattern.contains(['*', '?', '[']);
     let mut files = Vec::new();
     if is_glob {
-        let root: PathBuf = path.components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '['])).collect();
+        let root: PathBuf =
+            path.components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '['])).collect();
         let entries = glob::glob(&pattern).map_err(|err| SourceError::Config {
             path: String::from("source.path"),
             message: format!("invalid glob pattern {pattern:?}: {err}"),
@@ -80,7 +81,12 @@ fn list_files(path: &Path, recursive: bool) -> Result<Vec<(PathBuf, String)>, So
     Ok(files)
 }
 
-fn collect_dir(root: &Path, dir: &Path, recursive: bool, files: &mut Vec<(PathBuf, String)>) -> Result<(), SourceError> {
+fn collect_dir(
+    root: &Path,
+    dir: &Path,
+    recursive: bool,
+    files: &mut Vec<(PathBuf, String)>,
+) -> Result<(), SourceError> {
     let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Io { path: dir.to_path_buf(), source })?;
     for entry in entries {
         let entry = entry.map_err(|source| SourceError::Io { path: dir.to_path_buf(), source })?;
@@ -98,9 +104,7 @@ fn collect_dir(root: &Path, dir: &Path, recursive: bool, files: &mut Vec<(PathBu
 }
 
 fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
+    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
 }
 
 fn relative_key(path: &Path, root: &Path) -> String {
@@ -143,7 +147,11 @@ impl Source for ImagesSource {
                 }
                 Err(err) => {
                     let key = if self.key == ImagesKey::Ordinal { ordinal.to_string() } else { key.clone() };
-                    rejected.push(Rejected { key, component: String::from("source"), reason: format!("cannot read {}: {err}", path.display()) });
+                    rejected.push(Rejected {
+                        key,
+                        component: String::from("source"),
+                        reason: format!("cannot read {}: {err}", path.display()),
+                    });
                 }
             }
         }

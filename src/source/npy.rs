@@ -101,17 +101,37 @@ impl NpySource {
         let mut reader = BufReader::new(file);
         let header = read_header(&mut reader).map_err(|message| format_error(path, message))?;
 
-        let rows = *header.shape.first().ok_or_else(|| format_error(path, "a zero-dimensional array has no rows".into()))?;
+        let rows =
+            *header.shape.first().ok_or_else(|| format_error(path, "a zero-dimensional array has no rows".into()))?;
         let row_shape = if header.shape.len() == 1 { vec![1] } else { header.shape[1..].to_vec() };
-        let expected = header.data_offset as u64 + (header.shape.iter().product::<usize>() * header.dtype.size()) as u64;
+        let expected =
+            header.data_offset as u64 + (header.shape.iter().product::<usize>() * header.dtype.size()) as u64;
         if file_len < expected {
-            return Err(format_error(path, format!("the file is truncated: shape {:?} needs {expected} bytes, the file has {file_len}", header.shape)));
+            return Err(format_error(
+                path,
+                format!(
+                    "the file is truncated: shape {:?} needs {expected} bytes, the file has {file_len}",
+                    header.shape
+                ),
+            ));
         }
 
         let element = if header.dtype == Dtype::U8 { ElementType::UInt8 } else { ElementType::Float32 };
         let tensor = TensorType::new(element, row_shape);
-        let schema = Arc::new(Schema::new(vec![Field::new(ORDINAL_COLUMN, DataType::Int64, false), tensor.field(&config.column)]));
-        Ok(Self { reader, dtype: header.dtype, tensor, rows, next: 0, batch_size: config.batch_size, schema, path: path.clone() })
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(ORDINAL_COLUMN, DataType::Int64, false),
+            tensor.field(&config.column),
+        ]));
+        Ok(Self {
+            reader,
+            dtype: header.dtype,
+            tensor,
+            rows,
+            next: 0,
+            batch_size: config.batch_size,
+            schema,
+            path: path.clone(),
+        })
     }
 }
 
@@ -145,7 +165,9 @@ fn read_header(reader: &mut impl Read) -> Result<Header, String> {
 
     let descr = dict_value(&text, "descr").ok_or("the header has no 'descr'")?;
     let descr = descr.strip_prefix(['\'', '"']).and_then(|rest| rest.split(['\'', '"']).next()).unwrap_or(descr);
-    let dtype = Dtype::parse(descr).ok_or_else(|| format!("dtype {descr:?} is not supported; save the array as float32, float64 or an integer type"))?;
+    let dtype = Dtype::parse(descr).ok_or_else(|| {
+        format!("dtype {descr:?} is not supported; save the array as float32, float64 or an integer type")
+    })?;
     let fortran = dict_value(&text, "fortran_order").ok_or("the header has no 'fortran_order'")?;
     if fortran.starts_with("True") {
         return Err(String::from("Fortran-ordered arrays are not supported; save with numpy.ascontiguousarray"));
@@ -200,7 +222,8 @@ impl Source for NpySource {
         .expect("the buffer holds whole rows");
         let ordinals = Int64Array::from_iter_values(self.next as i64..(self.next + count) as i64);
         self.next += count;
-        let data = RecordBatch::try_new(self.schema.clone(), vec![Arc::new(ordinals), values]).expect("columns match the source schema");
+        let data = RecordBatch::try_new(self.schema.clone(), vec![Arc::new(ordinals), values])
+            .expect("columns match the source schema");
         Ok(Some(Batch::new(data, Vec::new())))
     }
 }

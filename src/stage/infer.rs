@@ -125,24 +125,46 @@ impl Infer {
             }
         }
         let input_names: Vec<&str> = signature.inputs.iter().map(|i| i.name.as_str()).collect();
-        for (section, names) in [("inputs", config.inputs.keys().collect::<Vec<_>>()), ("constants", config.constants.keys().collect())] {
+        for (section, names) in
+            [("inputs", config.inputs.keys().collect::<Vec<_>>()), ("constants", config.constants.keys().collect())]
+        {
             for name in names {
                 if !input_names.contains(&name.as_str()) {
-                    problems.push(context.problem(&format!("{section}.{name}"), format!("the model has no input {name:?}; its inputs are {}", input_names.join(", "))));
+                    problems.push(context.problem(
+                        &format!("{section}.{name}"),
+                        format!("the model has no input {name:?}; its inputs are {}", input_names.join(", ")),
+                    ));
                 }
             }
         }
 
         let output_names: Vec<&str> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
-        let requested: Vec<(String, String)> = match &config.outputs {
-            Some(map) => map.iter().map(|(o, c)| (o.clone(), c.clone())).collect(),
-            None => signature.outputs.iter().map(|o| (o.name.clone(), o.name.clone())).collect(),
-        };
+        // Kept outputs become columns in the model's output order; names the
+        // model lacks are appended so that they are reported below.
+        let mut requested: Vec<(String, String)> = Vec::new();
+        for output in &signature.outputs {
+            match &config.outputs {
+                Some(map) => {
+                    if let Some(column) = map.get(&output.name) {
+                        requested.push((output.name.clone(), column.clone()));
+                    }
+                }
+                None => requested.push((output.name.clone(), output.name.clone())),
+            }
+        }
+        for name in config.outputs.iter().flat_map(|map| map.keys()) {
+            if !output_names.contains(&name.as_str()) {
+                requested.push((name.clone(), name.clone()));
+            }
+        }
         let mut outputs = Vec::new();
         for (output, column) in requested {
             let key = format!("outputs.{output}");
             match signature.outputs.iter().find(|o| o.name == output) {
-                None => problems.push(context.problem(&key, format!("the model has no output {output:?}; its outputs are {}", output_names.join(", ")))),
+                None => problems.push(context.problem(
+                    &key,
+                    format!("the model has no output {output:?}; its outputs are {}", output_names.join(", ")),
+                )),
                 Some(info) => match check_output(info, column, &key, context) {
                     Ok(kept) => outputs.push(kept),
                     Err(problem) => problems.push(problem),
@@ -155,7 +177,8 @@ impl Infer {
 
         let mut sessions = vec![first];
         for _ in 1..config.sessions {
-            sessions.push(model.session(config.threads).map_err(|err| vec![context.problem("model", err.to_string())])?);
+            sessions
+                .push(model.session(config.threads).map_err(|err| vec![context.problem("model", err.to_string())])?);
         }
 
         let mut schema = context.input.clone();
@@ -185,17 +208,37 @@ impl Infer {
             let mut shape = vec![rows];
             shape.extend_from_slice(&input.tensor.shape);
             let value: SessionInputValue<'_> = match input.tensor.element {
-                ElementType::Float32 => TensorRef::from_array_view((shape, tensor::f32_values(column).map_err(|e| e.to_string())?)).map_err(|e| e.to_string())?.into(),
-                ElementType::UInt8 => TensorRef::from_array_view((shape, tensor::u8_values(column).map_err(|e| e.to_string())?)).map_err(|e| e.to_string())?.into(),
+                ElementType::Float32 => {
+                    TensorRef::from_array_view((shape, tensor::f32_values(column).map_err(|e| e.to_string())?))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
+                ElementType::UInt8 => {
+                    TensorRef::from_array_view((shape, tensor::u8_values(column).map_err(|e| e.to_string())?))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
             };
             inputs.push((input.input.clone(), value));
         }
         for (name, constant) in &self.constants {
             let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
             let value: SessionInputValue<'_> = match constant.dtype {
-                ConstantType::Float32 => Tensor::from_array((shape, constant.values.iter().map(|&v| v as f32).collect::<Vec<_>>())).map_err(|e| e.to_string())?.into(),
-                ConstantType::Int64 => Tensor::from_array((shape, constant.values.iter().map(|&v| v as i64).collect::<Vec<_>>())).map_err(|e| e.to_string())?.into(),
-                ConstantType::Bool => Tensor::from_array((shape, constant.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>())).map_err(|e| e.to_string())?.into(),
+                ConstantType::Float32 => {
+                    Tensor::from_array((shape, constant.values.iter().map(|&v| v as f32).collect::<Vec<_>>()))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
+                ConstantType::Int64 => {
+                    Tensor::from_array((shape, constant.values.iter().map(|&v| v as i64).collect::<Vec<_>>()))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
+                ConstantType::Bool => {
+                    Tensor::from_array((shape, constant.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>()))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
             };
             inputs.push((name.clone(), value));
         }
@@ -224,7 +267,12 @@ impl Infer {
                     } else {
                         let field = std::sync::Arc::new(Field::new("item", DataType::Int64, false));
                         let items = arrow::array::PrimitiveArray::<Int64Type>::from(values.to_vec());
-                        std::sync::Arc::new(arrow::array::FixedSizeListArray::new(field, per_row as i32, std::sync::Arc::new(items), None))
+                        std::sync::Arc::new(arrow::array::FixedSizeListArray::new(
+                            field,
+                            per_row as i32,
+                            std::sync::Arc::new(items),
+                            None,
+                        ))
                     }
                 }
             };
@@ -247,7 +295,10 @@ impl Infer {
                 if problems[row].is_none()
                     && let Some(position) = chunk.iter().position(|v| !v.is_finite())
                 {
-                    problems[row] = Some(format!("column {:?} holds {} at index {position}; the model input {:?} needs finite values", input.column, chunk[position], input.input));
+                    problems[row] = Some(format!(
+                        "column {:?} holds {} at index {position}; the model input {:?} needs finite values",
+                        input.column, chunk[position], input.input
+                    ));
                 }
             }
         }
@@ -260,11 +311,18 @@ impl Infer {
             let schema = schema_with(&result.schema(), output_field(output));
             result = super::with_column(&result, &schema, &output.column, column);
         }
-        arrow::array::RecordBatch::try_new(self.schema.clone(), result.columns().to_vec()).expect("the planned schema matches the outputs")
+        arrow::array::RecordBatch::try_new(self.schema.clone(), result.columns().to_vec())
+            .expect("the planned schema matches the outputs")
     }
 }
 
-fn check_output_shape(name: &str, shape: &ort::value::Shape, rows: usize, per_row: usize, len: usize) -> Result<(), String> {
+fn check_output_shape(
+    name: &str,
+    shape: &ort::value::Shape,
+    rows: usize,
+    per_row: usize,
+    len: usize,
+) -> Result<(), String> {
     if len != rows * per_row || shape.first().copied() != Some(rows as i64) {
         return Err(format!("model output {name:?} has shape {shape:?}, expected {rows} rows of {per_row} values"));
     }
@@ -278,29 +336,56 @@ fn output_field(output: &KeptOutput) -> Field {
         OutputElement::Int64 if output.shape.is_empty() => Field::new(&output.column, DataType::Int64, false),
         OutputElement::Int64 => {
             let item = std::sync::Arc::new(Field::new("item", DataType::Int64, false));
-            Field::new(&output.column, DataType::FixedSizeList(item, output.shape.iter().product::<usize>() as i32), false)
+            Field::new(
+                &output.column,
+                DataType::FixedSizeList(item, output.shape.iter().product::<usize>() as i32),
+                false,
+            )
         }
     }
 }
 
 /// Checks a column against a model input. Returns the column's tensor type
 /// and, when the model fixes its batch dimension to 1, that limit.
-fn check_column_input(input: &TensorInfo, column: &str, key: &str, context: &PlanContext) -> Result<(TensorType, Option<usize>), ConfigProblem> {
+fn check_column_input(
+    input: &TensorInfo,
+    column: &str,
+    key: &str,
+    context: &PlanContext,
+) -> Result<(TensorType, Option<usize>), ConfigProblem> {
     let tensor = context.tensor_column(key, column)?;
     let expected = match input.element {
         Some(TensorElementType::Float32) => ElementType::Float32,
         Some(TensorElementType::Uint8) => ElementType::UInt8,
         _ => {
-            return Err(context.problem(key, format!("model input {:?} takes {}; stochflow feeds float32 and uint8 tensors only", input.name, input.element_name())));
+            return Err(context.problem(
+                key,
+                format!(
+                    "model input {:?} takes {}; stochflow feeds float32 and uint8 tensors only",
+                    input.name,
+                    input.element_name()
+                ),
+            ));
         }
     };
     if tensor.element != expected {
-        return Err(context.problem(key, format!("column {column:?} holds {} but model input {:?} takes {}", tensor.element.name(), input.name, expected.name())));
+        return Err(context.problem(
+            key,
+            format!(
+                "column {column:?} holds {} but model input {:?} takes {}",
+                tensor.element.name(),
+                input.name,
+                expected.name()
+            ),
+        ));
     }
     let Some((batch_dim, per_record)) = input.dims.split_first() else {
-        return Err(context.problem(key, format!("model input {:?} is a scalar; feed it under `constants`", input.name)));
+        return Err(
+            context.problem(key, format!("model input {:?} is a scalar; feed it under `constants`", input.name))
+        );
     };
-    let fits = per_record.len() == tensor.shape.len() && per_record.iter().zip(&tensor.shape).all(|(dim, size)| dim.is_none_or(|d| d == *size));
+    let fits = per_record.len() == tensor.shape.len()
+        && per_record.iter().zip(&tensor.shape).all(|(dim, size)| dim.is_none_or(|d| d == *size));
     if !fits {
         return Err(context.problem(
             key,
@@ -315,32 +400,70 @@ fn check_column_input(input: &TensorInfo, column: &str, key: &str, context: &Pla
     match batch_dim {
         None => Ok((tensor, None)),
         Some(1) => Ok((tensor, Some(1))),
-        Some(n) => Err(context.problem(key, format!("model input {:?} has a fixed batch dimension of {n}; stochflow needs it dynamic or 1", input.name))),
+        Some(n) => Err(context.problem(
+            key,
+            format!("model input {:?} has a fixed batch dimension of {n}; stochflow needs it dynamic or 1", input.name),
+        )),
     }
 }
 
-fn check_constant(input: &TensorInfo, constant: &ConstantConfig, key: &str, context: &PlanContext) -> Result<(), ConfigProblem> {
+fn check_constant(
+    input: &TensorInfo,
+    constant: &ConstantConfig,
+    key: &str,
+    context: &PlanContext,
+) -> Result<(), ConfigProblem> {
     let expected = match constant.dtype {
         ConstantType::Float32 => TensorElementType::Float32,
         ConstantType::Int64 => TensorElementType::Int64,
         ConstantType::Bool => TensorElementType::Bool,
     };
     if input.element != Some(expected) {
-        return Err(context.problem(key, format!("model input {:?} takes {}, the constant is {}; set `dtype`", input.name, input.element_name(), crate::model::session::element_name(expected))));
+        return Err(context.problem(
+            key,
+            format!(
+                "model input {:?} takes {}, the constant is {}; set `dtype`",
+                input.name,
+                input.element_name(),
+                crate::model::session::element_name(expected)
+            ),
+        ));
     }
     let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
-    let fits = shape.len() == input.dims.len() && input.dims.iter().zip(&shape).all(|(dim, size)| dim.is_none_or(|d| d == *size));
+    let fits = shape.len() == input.dims.len()
+        && input.dims.iter().zip(&shape).all(|(dim, size)| dim.is_none_or(|d| d == *size));
     if !fits {
-        return Err(context.problem(key, format!("constant shape {shape:?} does not fit model input {:?} of shape {}", input.name, input.shape_text())));
+        return Err(context.problem(
+            key,
+            format!(
+                "constant shape {shape:?} does not fit model input {:?} of shape {}",
+                input.name,
+                input.shape_text()
+            ),
+        ));
     }
     Ok(())
 }
 
-fn check_output(info: &TensorInfo, column: String, key: &str, context: &PlanContext) -> Result<KeptOutput, ConfigProblem> {
+fn check_output(
+    info: &TensorInfo,
+    column: String,
+    key: &str,
+    context: &PlanContext,
+) -> Result<KeptOutput, ConfigProblem> {
     let element = match info.element {
         Some(TensorElementType::Float32) => OutputElement::Float32,
         Some(TensorElementType::Int64) => OutputElement::Int64,
-        _ => return Err(context.problem(key, format!("model output {:?} is {}; stochflow keeps float32 and int64 outputs", info.name, info.element_name()))),
+        _ => {
+            return Err(context.problem(
+                key,
+                format!(
+                    "model output {:?} is {}; stochflow keeps float32 and int64 outputs",
+                    info.name,
+                    info.element_name()
+                ),
+            ));
+        }
     };
     let Some((_, per_record)) = info.dims.split_first() else {
         return Err(context.problem(key, format!("model output {:?} is a scalar, not one value per record", info.name)));
@@ -413,9 +536,11 @@ impl Infer {
         // Failed rows are rejected from the input batch; successful rows
         // are stitched back together in order.
         let failed: Vec<Option<String>> = problems.clone();
-        let rejected_only = reject_rows(Batch::new(batch.data.clone(), Vec::new()), failed, &self.name, &self.key_column);
+        let rejected_only =
+            reject_rows(Batch::new(batch.data.clone(), Vec::new()), failed, &self.name, &self.key_column);
         batch.rejected.extend(rejected_only.rejected);
-        batch.data = arrow::compute::concat_batches(&self.schema, &parts).map_err(|err| StageError { stage: self.name.clone(), message: err.to_string() })?;
+        batch.data = arrow::compute::concat_batches(&self.schema, &parts)
+            .map_err(|err| StageError { stage: self.name.clone(), message: err.to_string() })?;
         Ok(batch)
     }
 }

@@ -74,7 +74,10 @@ impl PlanContext<'_> {
     /// Looks up a tensor column of the input, or explains why it is not one.
     pub fn tensor_column(&self, key: &str, name: &str) -> Result<TensorType, ConfigProblem> {
         let field = self.input.field_with_name(name).map_err(|_| {
-            self.problem(key, format!("column {name:?} does not exist here; available columns: {}", self.column_names()))
+            self.problem(
+                key,
+                format!("column {name:?} does not exist here; available columns: {}", self.column_names()),
+            )
         })?;
         TensorType::of_field(field).ok_or_else(|| {
             self.problem(key, format!("column {name:?} has type {}, not a float32 or uint8 tensor", field.data_type()))

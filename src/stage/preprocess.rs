@@ -39,10 +39,24 @@ impl Preprocess {
     pub fn plan(config: &PreprocessConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
         let name = config.name.clone().unwrap_or_else(|| String::from("preprocess"));
         let field = context.input.field_with_name(&config.column).map_err(|_| {
-            vec![context.problem("column", format!("column {:?} does not exist here; available columns: {}", config.column, context.column_names()))]
+            vec![context.problem(
+                "column",
+                format!(
+                    "column {:?} does not exist here; available columns: {}",
+                    config.column,
+                    context.column_names()
+                ),
+            )]
         })?;
         if !matches!(field.data_type(), DataType::Binary | DataType::LargeBinary) {
-            return Err(vec![context.problem("column", format!("column {:?} has type {}, not encoded image bytes; use the images source", config.column, field.data_type()))]);
+            return Err(vec![context.problem(
+                "column",
+                format!(
+                    "column {:?} has type {}, not encoded image bytes; use the images source",
+                    config.column,
+                    field.data_type()
+                ),
+            )]);
         }
 
         // Every output tensor has one shape, so the final size must not
@@ -146,7 +160,10 @@ impl Preprocess {
         if let Some(crop) = &self.config.center_crop {
             let (w, h) = image.dimensions();
             if w < crop.width || h < crop.height {
-                return Err(format!("the image is {w}x{h}, smaller than the {}x{} center crop; add a `resize`", crop.width, crop.height));
+                return Err(format!(
+                    "the image is {w}x{h}, smaller than the {}x{} center crop; add a `resize`",
+                    crop.width, crop.height
+                ));
             }
             let x = (w - crop.width) / 2;
             let y = (h - crop.height) / 2;
@@ -203,7 +220,10 @@ impl Stage for Preprocess {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
         let tensor_column = match self.tensor.element {
             ElementType::Float32 => tensor::build_f32(&self.tensor, values),
-            ElementType::UInt8 => tensor::build_u8(&self.tensor, values.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect()),
+            ElementType::UInt8 => tensor::build_u8(
+                &self.tensor,
+                values.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect(),
+            ),
         }
         .map_err(error)?;
         let mut batch = batch;

@@ -41,17 +41,39 @@ impl Sample {
         let tensor = context.tensor_column("column", &config.column).map_err(|p| vec![p])?;
         let mut problems = Vec::new();
         if tensor.element != ElementType::Float32 {
-            problems.push(context.problem("column", format!("column {:?} holds {}; sampling needs float32 scores", config.column, tensor.element.name())));
+            problems.push(context.problem(
+                "column",
+                format!("column {:?} holds {}; sampling needs float32 scores", config.column, tensor.element.name()),
+            ));
         }
         if tensor.shape.len() != 1 {
-            problems.push(context.problem("column", format!("column {:?} has shape {:?}; sampling needs one vector of class scores per row", config.column, tensor.shape)));
+            problems.push(context.problem(
+                "column",
+                format!(
+                    "column {:?} has shape {:?}; sampling needs one vector of class scores per row",
+                    config.column, tensor.shape
+                ),
+            ));
         }
         let fans_out = config.samples > 1;
         if fans_out && context.input.field_with_name(SAMPLE_COLUMN).is_ok() {
-            problems.push(context.problem("samples", "records were already fanned out by an earlier stage; draw several samples in one stage only"));
+            problems.push(context.problem(
+                "samples",
+                "records were already fanned out by an earlier stage; draw several samples in one stage only",
+            ));
         }
-        if context.input.field_with_name(&config.output).is_ok() {
-            problems.push(context.problem("output", format!("column {:?} already exists; choose another `output` name", config.output)));
+        if fans_out && config.output == SAMPLE_COLUMN {
+            problems.push(context.problem(
+                "output",
+                format!("{SAMPLE_COLUMN:?} is the sample-index column of a fan-out; choose another `output` name"),
+            ));
+        } else if context.input.field_with_name(&config.output).is_ok() {
+            problems.push(
+                context.problem(
+                    "output",
+                    format!("column {:?} already exists; choose another `output` name", config.output),
+                ),
+            );
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -92,12 +114,12 @@ pub fn weights(scores: &[f32], from: SampleFrom, temperature: f64) -> Result<Vec
             if max == f32::NEG_INFINITY {
                 return Err(String::from("every logit is -inf"));
             }
+            if temperature == 0.0 {
+                return Ok(one_hot_argmax(scores.iter().map(|&s| f64::from(s))));
+            }
             if max == f32::INFINITY {
                 // Infinite logits take all the mass, shared equally.
                 return Ok(scores.iter().map(|&s| if s == f32::INFINITY { 1.0 } else { 0.0 }).collect());
-            }
-            if temperature == 0.0 {
-                return Ok(one_hot_argmax(scores.iter().map(|&s| f64::from(s))));
             }
             let max = f64::from(max);
             Ok(scores.iter().map(|&s| ((f64::from(s) - max) / temperature).exp()).collect())
@@ -161,15 +183,21 @@ impl Stage for Sample {
 
     fn process(&self, batch: Batch) -> Result<Batch, StageError> {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
-        let scores = tensor::f32_values(batch.data.column_by_name(&self.column).expect("the planned column exists")).map_err(error)?;
+        let scores = tensor::f32_values(batch.data.column_by_name(&self.column).expect("the planned column exists"))
+            .map_err(error)?;
 
         let problems: Vec<Option<String>> = scores
             .chunks_exact(self.classes)
-            .map(|row| weights(row, self.from, self.temperature).err().map(|reason| format!("cannot sample from column {:?}: {reason}", self.column)))
+            .map(|row| {
+                weights(row, self.from, self.temperature)
+                    .err()
+                    .map(|reason| format!("cannot sample from column {:?}: {reason}", self.column))
+            })
             .collect();
         let mut batch = reject_rows(batch, problems, &self.name, &self.key_column);
         let data = &batch.data;
-        let scores = tensor::f32_values(data.column_by_name(&self.column).expect("the planned column exists")).map_err(error)?;
+        let scores =
+            tensor::f32_values(data.column_by_name(&self.column).expect("the planned column exists")).map_err(error)?;
         let keys = Keys::new(data, &self.key_column).expect("the key column is checked when planning");
         let existing_samples = sample_indices(data);
 
@@ -190,7 +218,8 @@ impl Stage for Sample {
             }
         }
 
-        let repeated = if fan_out > 1 { take_record_batch(data, &UInt32Array::from(take)).map_err(error)? } else { data.clone() };
+        let repeated =
+            if fan_out > 1 { take_record_batch(data, &UInt32Array::from(take)).map_err(error)? } else { data.clone() };
         let mut columns = repeated.columns().to_vec();
         if fan_out > 1 {
             columns.push(Arc::new(Int32Array::from(sample_column)));
@@ -209,6 +238,12 @@ mod tests {
     fn zero_temperature_takes_argmax() {
         let w = weights(&[0.1, 2.0, 2.0, -1.0], SampleFrom::Logits, 0.0).unwrap();
         assert_eq!(w, vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn zero_temperature_breaks_infinite_ties_by_lowest_index() {
+        let w = weights(&[0.0, f32::INFINITY, f32::INFINITY], SampleFrom::Logits, 0.0).unwrap();
+        assert_eq!(w, vec![0.0, 1.0, 0.0]);
     }
 
     #[test]

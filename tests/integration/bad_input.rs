@@ -30,7 +30,11 @@ fn corrupt_images_are_skipped_with_exit_code_2() {
     );
     let (outcome, output) = run_yaml(dir.path(), "photos", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
-    assert!(outcome.stdout.contains("read 5 records, wrote 3 records (3 rows), skipped 2 records"), "{}", outcome.stdout);
+    assert!(
+        outcome.stdout.contains("read 5 records, wrote 3 records (3 rows), skipped 2 records"),
+        "{}",
+        outcome.stdout
+    );
     assert!(outcome.stderr.contains("truncated.png"), "the log names the truncated file: {}", outcome.stderr);
     assert!(outcome.stderr.contains("not_an_image.jpg"), "the log names the text file: {}", outcome.stderr);
     let (_, batches) = read_arrow(&output);
@@ -59,7 +63,11 @@ fn wrong_length_and_null_rows_are_skipped() {
             }
         }
     }
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from_iter_values(100..106)), Arc::new(lists.finish())]).unwrap();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(Int64Array::from_iter_values(100..106)), Arc::new(lists.finish())],
+    )
+    .unwrap();
     let mut writer = FileWriter::try_new(File::create(&input).unwrap(), &schema).unwrap();
     writer.write(&batch).unwrap();
     writer.finish().unwrap();
@@ -73,7 +81,11 @@ fn wrong_length_and_null_rows_are_skipped() {
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert!(outcome.stdout.contains("skipped 2 records"), "{}", outcome.stdout);
     assert!(outcome.stderr.contains("record=102") && outcome.stderr.contains("is null"), "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("record=104") && outcome.stderr.contains("has 63 values, expected 64"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("record=104") && outcome.stderr.contains("has 63 values, expected 64"),
+        "{}",
+        outcome.stderr
+    );
     let (_, batches) = read_arrow(&output);
     assert_eq!(int64(&batches, "id"), [100, 101, 103, 105]);
 }
@@ -135,14 +147,20 @@ fn digits_source() -> String {
 #[test]
 fn unknown_key_names_its_line() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages:\n  - kind: add_noise\n    column: pixels\n    stdev: 0.1\nsink: {{kind: arrow_file, path: x.arrow}}\n", digits_source());
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - kind: add_noise\n    column: pixels\n    stdev: 0.1\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source()
+    );
     assert_fails(dir.path(), "unknown_key", &yaml, &["unknown field `stdev`", "line"]);
 }
 
 #[test]
 fn missing_model_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: no_such_model.onnx, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n", digits_source());
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: no_such_model.onnx, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source()
+    );
     assert_fails(dir.path(), "missing_model", &yaml, &["no_such_model.onnx", "not found", ":4:"]);
 }
 
@@ -160,15 +178,27 @@ fn shape_mismatch_names_both_shapes() {
 #[test]
 fn unknown_model_input_lists_real_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages:\n  - kind: infer\n    model: {}\n    inputs: {{pixel: pixels}}\nsink: {{kind: arrow_file, path: x.arrow}}\n", digits_source(), mlp());
-    assert_fails(dir.path(), "input_name", &yaml, &["the model has no input \"pixel\"; its inputs are pixels", "model input \"pixels\" (float32 [N, 64]) is not fed"]);
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - kind: infer\n    model: {}\n    inputs: {{pixel: pixels}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source(),
+        mlp()
+    );
+    assert_fails(
+        dir.path(),
+        "input_name",
+        &yaml,
+        &[
+            "the model has no input \"pixel\"; its inputs are pixels",
+            "model input \"pixels\" (float32 [N, 64]) is not fed",
+        ],
+    );
 }
 
 #[test]
 fn missing_source_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {{kind: npy, path: missing.npy}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n");
-    assert_fails(dir.path(), "missing_source", &yaml, &["missing.npy not found", "source.path"]);
+    let yaml = "seed: 1\nsource: {kind: npy, path: missing.npy}\nstages: []\nsink: {kind: arrow_file, path: x.arrow}\n";
+    assert_fails(dir.path(), "missing_source", yaml, &["missing.npy not found", "source.path"]);
 }
 
 #[test]
@@ -176,7 +206,10 @@ fn truncated_npy_is_rejected_before_work() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("short.npy");
     write_npy_f32(&input, &[10, 64], &vec![0.0; 64 * 3]);
-    let yaml = format!("seed: 1\nsource: {{kind: npy, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n", yaml_path(&input));
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        yaml_path(&input)
+    );
     assert_fails(dir.path(), "short_npy", &yaml, &["truncated", "[10, 64]"]);
 }
 
@@ -185,15 +218,26 @@ fn non_arrow_file_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("fake.arrow");
     std::fs::write(&input, b"this is not Arrow").unwrap();
-    let yaml = format!("seed: 1\nsource: {{kind: arrow_file, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n", yaml_path(&input));
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: arrow_file, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        yaml_path(&input)
+    );
     assert_fails(dir.path(), "fake_arrow", &yaml, &["fake.arrow is not a valid Arrow IPC file"]);
 }
 
 #[test]
 fn unknown_sink_column_lists_available() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow, columns: [id, logits]}}\n", digits_source());
-    assert_fails(dir.path(), "sink_columns", &yaml, &["column \"logits\" does not reach the sink", "available columns: id, pixels, label"]);
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow, columns: [id, logits]}}\n",
+        digits_source()
+    );
+    assert_fails(
+        dir.path(),
+        "sink_columns",
+        &yaml,
+        &["column \"logits\" does not reach the sink", "available columns: id, pixels, label"],
+    );
 }
 
 #[test]
@@ -207,7 +251,13 @@ fn validate_reports_every_problem_with_lines() {
     let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
     assert_eq!(outcome.code, 1, "{}", outcome.stderr);
     assert!(outcome.stderr.contains("has 4 problems"), "{}", outcome.stderr);
-    for expected in [":6:5: stages[0].std: must be zero or positive, found -0.5", ":9:5: stages[1].temperature", ":10:5: stages[1].samples", ":11:", "sink.rows_per_batch"] {
+    for expected in [
+        ":6:5: stages[0].std: must be zero or positive, found -0.5",
+        ":9:5: stages[1].temperature",
+        ":10:5: stages[1].samples",
+        ":11:",
+        "sink.rows_per_batch",
+    ] {
         assert!(outcome.stderr.contains(expected), "missing {expected:?} in:\n{}", outcome.stderr);
     }
 }
@@ -215,7 +265,11 @@ fn validate_reports_every_problem_with_lines() {
 #[test]
 fn missing_onnx_runtime_names_both_fixes() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n", digits_source(), mlp());
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source(),
+        mlp()
+    );
     let pipeline = write_pipeline(dir.path(), "no_ort.yaml", &yaml);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
         .args(["run", pipeline.to_str().unwrap()])
@@ -224,13 +278,20 @@ fn missing_onnx_runtime_names_both_fixes() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("ORT_DYLIB_PATH is set to /nonexistent/libonnxruntime.so, which does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("ORT_DYLIB_PATH is set to /nonexistent/libonnxruntime.so, which does not exist"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn onnx_runtime_not_found_anywhere_names_places_and_fixes() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n", digits_source(), mlp());
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source(),
+        mlp()
+    );
     let pipeline = write_pipeline(dir.path(), "no_ort.yaml", &yaml);
     let cache = dir.path().join("empty-cache");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
@@ -242,7 +303,14 @@ fn onnx_runtime_not_found_anywhere_names_places_and_fixes() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    for expected in ["cannot find the ONNX Runtime library", "ORT_DYLIB_PATH (not set)", "/nonexistent/python3 did not start", cache.to_str().unwrap(), "set ORT_DYLIB_PATH", "pip install onnxruntime==1.31.1"] {
+    for expected in [
+        "cannot find the ONNX Runtime library",
+        "ORT_DYLIB_PATH (not set)",
+        "/nonexistent/python3 did not start",
+        cache.to_str().unwrap(),
+        "set ORT_DYLIB_PATH",
+        "pip install onnxruntime==1.31.1",
+    ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
 }

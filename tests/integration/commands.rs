@@ -4,7 +4,14 @@ use crate::common::*;
 fn inspect_lists_signature_and_dropout() {
     let outcome = stochflow(&["inspect", repo("fixtures/models/mlp_digits.onnx").to_str().unwrap()]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    for expected in ["IR version: 8", "opsets: ai.onnx 17", "pixels  float32  [N, 64]", "logits  float32  [N, 10]", "dropout nodes: 1", "ratio 0.2"] {
+    for expected in [
+        "IR version: 8",
+        "opsets: ai.onnx 17",
+        "pixels  float32  [N, 64]",
+        "logits  float32  [N, 10]",
+        "dropout nodes: 1",
+        "ratio 0.2",
+    ] {
         assert!(outcome.stdout.contains(expected), "missing {expected:?} in:\n{}", outcome.stdout);
     }
 }
@@ -37,9 +44,14 @@ fn validate_accepts_shipped_pipelines() {
 fn run_prints_summary_and_records_provenance() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("digits.arrow");
-    let outcome = stochflow(&["run", repo("pipelines/digits.yaml").to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    let outcome =
+        stochflow(&["run", repo("pipelines/digits.yaml").to_str().unwrap(), "--output", output.to_str().unwrap()]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    assert!(outcome.stdout.starts_with("read 450 records, wrote 450 records (2250 rows), skipped 0 records in "), "{}", outcome.stdout);
+    assert!(
+        outcome.stdout.starts_with("read 450 records, wrote 450 records (2250 rows), skipped 0 records in "),
+        "{}",
+        outcome.stdout
+    );
 
     let (schema, batches) = read_arrow(&output);
     assert_eq!(rows(&batches), 2250);
@@ -59,7 +71,8 @@ fn seed_option_overrides_file() {
     let second = dir.path().join("b.arrow");
     let again = dir.path().join("c.arrow");
     for (path, seed) in [(&first, "1"), (&second, "2"), (&again, "1")] {
-        let outcome = stochflow(&["run", pipeline.to_str().unwrap(), "--seed", seed, "--output", path.to_str().unwrap()]);
+        let outcome =
+            stochflow(&["run", pipeline.to_str().unwrap(), "--seed", seed, "--output", path.to_str().unwrap()]);
         assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     }
     assert_eq!(sha256(&first), sha256(&again));

@@ -24,7 +24,8 @@ pub struct Outcome {
 
 /// Runs the stochflow binary with `args`.
 pub fn stochflow(args: &[&str]) -> Outcome {
-    let output = Command::new(env!("CARGO_BIN_EXE_stochflow")).args(args).output().expect("the stochflow binary starts");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_stochflow")).args(args).output().expect("the stochflow binary starts");
     Outcome {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -56,7 +57,8 @@ pub fn run_ok(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// Reads every batch of an Arrow IPC file.
 pub fn read_arrow(path: &Path) -> (SchemaRef, Vec<RecordBatch>) {
-    let reader = FileReader::try_new(File::open(path).expect("the output exists"), None).expect("the output is an Arrow IPC file");
+    let reader = FileReader::try_new(File::open(path).expect("the output exists"), None)
+        .expect("the output is an Arrow IPC file");
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>().expect("every batch reads");
     (schema, batches)
@@ -70,7 +72,8 @@ pub fn rows(batches: &[RecordBatch]) -> usize {
 pub fn tensor_f32(batches: &[RecordBatch], column: &str) -> Vec<f32> {
     let mut values = Vec::new();
     for batch in batches {
-        let list = batch.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_fixed_size_list();
+        let list =
+            batch.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_fixed_size_list();
         values.extend_from_slice(list.values().as_primitive::<Float32Type>().values());
     }
     values
@@ -80,25 +83,45 @@ pub fn tensor_f32(batches: &[RecordBatch], column: &str) -> Vec<f32> {
 pub fn tensor_u8(batches: &[RecordBatch], column: &str) -> Vec<u8> {
     let mut values = Vec::new();
     for batch in batches {
-        let list = batch.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_fixed_size_list();
+        let list =
+            batch.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_fixed_size_list();
         values.extend_from_slice(list.values().as_primitive::<UInt8Type>().values());
     }
     values
 }
 
 pub fn int32(batches: &[RecordBatch], column: &str) -> Vec<i32> {
-    batches.iter().flat_map(|b| b.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_primitive::<Int32Type>().values().to_vec()).collect()
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(column)
+                .unwrap_or_else(|| panic!("column {column} exists"))
+                .as_primitive::<Int32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
 }
 
 pub fn int64(batches: &[RecordBatch], column: &str) -> Vec<i64> {
-    batches.iter().flat_map(|b| b.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_primitive::<Int64Type>().values().to_vec()).collect()
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(column)
+                .unwrap_or_else(|| panic!("column {column} exists"))
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
 }
 
 pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
     batches
         .iter()
         .flat_map(|b| {
-            let array = b.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_string::<i32>().clone();
+            let array =
+                b.column_by_name(column).unwrap_or_else(|| panic!("column {column} exists")).as_string::<i32>().clone();
             (0..array.len()).map(move |i| array.value(i).to_string()).collect::<Vec<_>>()
         })
         .collect()
@@ -143,7 +166,8 @@ pub fn yaml_path(path: &Path) -> String {
 pub fn normal_cdf(x: f64) -> f64 {
     let z = x / std::f64::consts::SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
-    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let erf = 1.0 - poly * (-z * z).exp();
     let erf = if z >= 0.0 { erf } else { -erf };
     0.5 * (1.0 + erf)

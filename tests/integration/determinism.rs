@@ -8,7 +8,14 @@ use crate::common::*;
 
 /// The digits pipeline with input noise, the MLP, output noise and samples,
 /// with the batching and parallelism settings left open.
-fn digits_pipeline(seed: u64, source_batch: usize, infer_batch: usize, workers: usize, sessions: usize, input: &std::path::Path) -> String {
+fn digits_pipeline(
+    seed: u64,
+    source_batch: usize,
+    infer_batch: usize,
+    workers: usize,
+    sessions: usize,
+    input: &std::path::Path,
+) -> String {
     format!(
         r#"
 seed: {seed}
@@ -59,7 +66,11 @@ fn same_seed_same_bytes_across_batching_and_parallelism() {
     let settings = [(1, 1, 1, 1), (7, 7, 1, 1), (64, 64, 2, 2), (13, 1, 3, 1), (256, 7, 2, 3)];
     let mut hashes = Vec::new();
     for (i, &(source_batch, infer_batch, workers, sessions)) in settings.iter().enumerate() {
-        let output = run_ok(dir.path(), &format!("run{i}"), &digits_pipeline(11, source_batch, infer_batch, workers, sessions, &input));
+        let output = run_ok(
+            dir.path(),
+            &format!("run{i}"),
+            &digits_pipeline(11, source_batch, infer_batch, workers, sessions, &input),
+        );
         hashes.push(sha256(&output));
     }
     for (setting, hash) in settings.iter().zip(&hashes) {

@@ -62,7 +62,12 @@ fn gray_sixteen_bit_keeps_full_precision() {
     let dir = tempfile::tempdir().unwrap();
     let entry = &expected()["gray16.png"];
     let decoded = decode(dir.path(), "gray16.png", "gray", 4, 3);
-    let want: Vec<f32> = entry["pixels"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32 / 65535.0)).collect();
+    let want: Vec<f32> = entry["pixels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32 / 65535.0))
+        .collect();
     assert_eq!(decoded.len(), 12);
     for (got, want) in decoded.iter().zip(&want) {
         assert!((got - want).abs() < 1e-6, "gray16 value {got}, expected {want}");

@@ -5,19 +5,19 @@
 
 mod common;
 
-/// Same seed, same bytes, whatever the batching and parallelism.
-mod determinism;
-/// Mean, spread, tails and clipping of the Gaussian noise.
-mod noise_statistics;
-/// Categorical sampling frequencies and temperature limits.
-mod sampling;
-/// The model path agrees with onnxruntime in Python; noise hurts accuracy.
-mod model_path;
-/// Image decoding convention: bit depths, channels, EXIF orientation.
-mod images;
 /// Bad files, bad records and bad settings, with their exit codes.
 mod bad_input;
 /// `inspect`, `validate` and the options of `run`.
 mod commands;
+/// Same seed, same bytes, whatever the batching and parallelism.
+mod determinism;
+/// Image decoding convention: bit depths, channels, EXIF orientation.
+mod images;
+/// The model path agrees with onnxruntime in Python; noise hurts accuracy.
+mod model_path;
+/// Mean, spread, tails and clipping of the Gaussian noise.
+mod noise_statistics;
 /// pyarrow reads the output.
 mod pyarrow_reader;
+/// Categorical sampling frequencies and temperature limits.
+mod sampling;

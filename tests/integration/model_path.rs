@@ -51,3 +51,52 @@ fn accuracy_falls_as_noise_grows() {
     }
     assert!(accuracies[3] < 0.6, "accuracy at std 1.2 is still {}", accuracies[3]);
 }
+
+#[test]
+fn constants_feed_extra_model_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    let values: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    write_npy_f32(&input, &[3, 4], &values);
+    let yaml = format!(
+        r#"
+seed: 1
+source: {{kind: npy, path: {input}, column: x}}
+stages:
+  - kind: infer
+    model: {model}
+    inputs: {{x: x}}
+    constants:
+      scale: {{values: [2.5]}}
+      shift: {{values: [-3], dtype: int64}}
+sink: {{kind: arrow_file, path: unused.arrow}}
+"#,
+        input = yaml_path(&input),
+        model = yaml_path(&repo("fixtures/models/scale_shift.onnx")),
+    );
+    let output = run_ok(dir.path(), "constants", &yaml);
+    let (_, batches) = read_arrow(&output);
+    let expected: Vec<f32> = values.iter().map(|v| v * 2.5 - 3.0).collect();
+    assert_eq!(tensor_f32(&batches, "y"), expected);
+}
+
+#[test]
+fn constant_with_wrong_dtype_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[1, 4], &[0.0; 4]);
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}, column: x}}\nstages:\n  - kind: infer\n    model: {}\n    inputs: {{x: x}}\n    constants:\n      scale: {{values: [2.5]}}\n      shift: {{values: [1]}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input),
+        yaml_path(&repo("fixtures/models/scale_shift.onnx")),
+    );
+    let (outcome, _) = run_yaml(dir.path(), "bad_constant", &yaml);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(
+            ":9:7: stages[0].constants.shift: model input \"shift\" takes int64, the constant is float32; set `dtype`"
+        ),
+        "{}",
+        outcome.stderr
+    );
+}

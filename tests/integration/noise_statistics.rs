@@ -2,7 +2,13 @@ use crate::common::*;
 
 /// Runs `add_noise` over constant records from a `.npy` file and returns
 /// (noisy - clean) for every element.
-fn noise_differences(dir: &std::path::Path, name: &str, value: f32, records: usize, noise: &str) -> (Vec<f64>, Vec<f32>) {
+fn noise_differences(
+    dir: &std::path::Path,
+    name: &str,
+    value: f32,
+    records: usize,
+    noise: &str,
+) -> (Vec<f64>, Vec<f32>) {
     let width = 50;
     let input = dir.join(format!("{name}.npy"));
     write_npy_f32(&input, &[records, width], &vec![value; records * width]);

@@ -7,18 +7,30 @@ fn python() -> String {
 
 #[test]
 fn pyarrow_reads_digits_output() {
-    let has_pyarrow = std::process::Command::new(python()).args(["-c", "import pyarrow"]).status().is_ok_and(|s| s.success());
+    let has_pyarrow =
+        std::process::Command::new(python()).args(["-c", "import pyarrow"]).status().is_ok_and(|s| s.success());
     if !has_pyarrow {
         // The test script installs pyarrow and sets STOCHFLOW_REQUIRE_PYARROW,
         // so this check cannot be skipped there.
-        assert!(std::env::var_os("STOCHFLOW_REQUIRE_PYARROW").is_none(), "pyarrow is required but `{} -c 'import pyarrow'` failed", python());
+        assert!(
+            std::env::var_os("STOCHFLOW_REQUIRE_PYARROW").is_none(),
+            "pyarrow is required but `{} -c 'import pyarrow'` failed",
+            python()
+        );
         eprintln!("skipping: pyarrow is not installed for {}; run tests/run.sh to include this check", python());
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("digits.arrow");
-    let outcome = stochflow(&["run", repo("pipelines/digits.yaml").to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    let outcome =
+        stochflow(&["run", repo("pipelines/digits.yaml").to_str().unwrap(), "--output", output.to_str().unwrap()]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    let check = std::process::Command::new(python()).arg(repo("tests/python/check_output.py")).arg(&output).output().unwrap();
-    assert!(check.status.success(), "pyarrow check failed:\n{}\n{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    let check =
+        std::process::Command::new(python()).arg(repo("tests/python/check_output.py")).arg(&output).output().unwrap();
+    assert!(
+        check.status.success(),
+        "pyarrow check failed:\n{}\n{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
 }

@@ -39,10 +39,19 @@ fn frequencies_match_softmax_over_temperatures() {
     let dir = tempfile::tempdir().unwrap();
     for temperature in [0.5, 1.0, 2.0] {
         // 4,000 records x 10 samples = 40,000 draws.
-        let classes = draw(dir.path(), &format!("t{temperature}"), &LOGITS, 4000, &format!("temperature: {temperature}, samples: 10"));
+        let classes = draw(
+            dir.path(),
+            &format!("t{temperature}"),
+            &LOGITS,
+            4000,
+            &format!("temperature: {temperature}, samples: 10"),
+        );
         assert_eq!(classes.len(), 40_000);
         let statistic = chi_square(&classes, &softmax(&LOGITS, temperature));
-        assert!(statistic < CHI_SQUARE_4DF_0_001, "T = {temperature}: chi-square {statistic} exceeds {CHI_SQUARE_4DF_0_001}");
+        assert!(
+            statistic < CHI_SQUARE_4DF_0_001,
+            "T = {temperature}: chi-square {statistic} exceeds {CHI_SQUARE_4DF_0_001}"
+        );
     }
 }
 
@@ -61,7 +70,13 @@ fn tiny_and_zero_temperature_give_argmax() {
     let dir = tempfile::tempdir().unwrap();
     let logits = [0.3_f32, 2.0, 1.99, -1.0, 0.0];
     for temperature in ["0.001", "0"] {
-        let classes = draw(dir.path(), &format!("cold{temperature}"), &logits, 500, &format!("temperature: {temperature}, samples: 4"));
+        let classes = draw(
+            dir.path(),
+            &format!("cold{temperature}"),
+            &logits,
+            500,
+            &format!("temperature: {temperature}, samples: 4"),
+        );
         assert_eq!(classes.len(), 2000);
         assert!(classes.iter().all(|&c| c == 1), "T = {temperature} must always pick class 1");
     }

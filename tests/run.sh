@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs the whole test suite:
+#   1. installs the Python packages the checks use into target/test-venv,
+#   2. checks that fixtures/make_fixtures.py rebuilds every fixture byte for byte,
+#   3. loads ONNX Runtime once (fetching it into the cache on a new machine),
+#   4. runs `cargo test`, with the pyarrow reader check made mandatory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${STOCHFLOW_TEST_VENV:-target/test-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating $venv"
+    python3 -m venv "$venv"
+fi
+echo "== installing Python test packages (fixtures/requirements.txt)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r fixtures/requirements.txt
+
+echo "== checking that the fixtures rebuild byte for byte"
+rebuilt="$(mktemp -d)"
+trap 'rm -rf "$rebuilt"' EXIT
+"$venv/bin/python" fixtures/make_fixtures.py --out "$rebuilt" > /dev/null
+(
+    cd fixtures
+    status=0
+    for file in $(find models data photos images -type f | sort); do
+        if ! cmp -s "$file" "$rebuilt/$file"; then
+            echo "fixture $file differs from what make_fixtures.py builds" >&2
+            status=1
+        fi
+    done
+    exit $status
+)
+
+echo "== building and loading ONNX Runtime"
+cargo build --quiet
+./target/debug/stochflow validate pipelines/digits.yaml
+
+echo "== cargo test"
+STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_PYARROW=1 cargo test "$@"
