@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, ArrowPrimitiveType, FixedSizeListArray, PrimitiveArray};
 use arrow::buffer::ScalarBuffer;
-use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type};
+use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type, UInt16Type};
 use arrow::error::ArrowError;
 use std::collections::HashMap;
 
@@ -23,6 +23,7 @@ const FIXED_SHAPE_TENSOR: &str = "arrow.fixed_shape_tensor";
 pub enum ElementType {
     Float32,
     UInt8,
+    UInt16,
 }
 
 impl ElementType {
@@ -31,6 +32,7 @@ impl ElementType {
         match self {
             ElementType::Float32 => DataType::Float32,
             ElementType::UInt8 => DataType::UInt8,
+            ElementType::UInt16 => DataType::UInt16,
         }
     }
 
@@ -39,6 +41,7 @@ impl ElementType {
         match data_type {
             DataType::Float32 => Some(ElementType::Float32),
             DataType::UInt8 => Some(ElementType::UInt8),
+            DataType::UInt16 => Some(ElementType::UInt16),
             _ => None,
         }
     }
@@ -47,6 +50,7 @@ impl ElementType {
         match self {
             ElementType::Float32 => "float32",
             ElementType::UInt8 => "uint8",
+            ElementType::UInt16 => "uint16",
         }
     }
 }
@@ -146,6 +150,11 @@ pub fn u8_values(column: &ArrayRef) -> Result<&[u8], ArrowError> {
     values::<UInt8Type>(column)
 }
 
+/// Returns the uint16 values of a tensor column.
+pub fn u16_values(column: &ArrayRef) -> Result<&[u16], ArrowError> {
+    values::<UInt16Type>(column)
+}
+
 /// Builds a tensor column from flat values, taking ownership without a copy.
 pub fn build<T: ArrowPrimitiveType>(tensor: &TensorType, values: Vec<T::Native>) -> Result<ArrayRef, ArrowError> {
     let field = Arc::new(Field::new("item", T::DATA_TYPE, false));
@@ -162,6 +171,11 @@ pub fn build_f32(tensor: &TensorType, values: Vec<f32>) -> Result<ArrayRef, Arro
 /// Builds a uint8 tensor column.
 pub fn build_u8(tensor: &TensorType, values: Vec<u8>) -> Result<ArrayRef, ArrowError> {
     build::<UInt8Type>(tensor, values)
+}
+
+/// Builds a uint16 tensor column.
+pub fn build_u16(tensor: &TensorType, values: Vec<u16>) -> Result<ArrayRef, ArrowError> {
+    build::<UInt16Type>(tensor, values)
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         sink_config.path.display()
     );
     if summary.interrupted {
-        eprintln!("interrupted: the output holds the records read before the interrupt");
+        eprintln!("interrupted: the output contains the records read before the interrupt");
         return Ok(ExitCode::from(super::EXIT_INTERRUPTED));
     }
     if summary.rejected > 0 {

@@ -69,10 +69,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 if c.mean.is_some() != c.std.is_some() {
                     push(at("mean"), "normalization needs both `mean` and `std`".into());
                 }
-                if c.dtype == super::TensorDtype::Uint8 && c.mean.is_some() {
+                if c.dtype != super::TensorDtype::Float32 && c.mean.is_some() {
                     push(
                         at("dtype"),
-                        "uint8 output cannot hold normalized values; use dtype float32 or drop mean and std".into(),
+                        "integer output cannot hold normalized values; use dtype float32 or drop mean and std".into(),
                     );
                 }
                 if let Some(resize) = &c.resize {

@@ -149,6 +149,7 @@ pub enum TensorDtype {
     #[default]
     Float32,
     Uint8,
+    Uint16,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -92,7 +92,7 @@ impl ArrowFileSink {
         &self.path
     }
 
-    /// The temporary name the file has until it is committed.
+    /// Returns the temporary name the file has until it is committed.
     pub fn partial_path(&self) -> &Path {
         &self.partial
     }

@@ -2,8 +2,8 @@
 //!
 //! Columns pass through unchanged, except those listed under `tensors`,
 //! which become float32 tensor columns of the configured shape. Lists of any
-//! numeric type are accepted there; a null row or a row of the wrong length
-//! is rejected with its key and the run goes on.
+//! numeric type are accepted there. A null row or a row of the wrong length
+//! is rejected with its key, and the run goes on.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -276,6 +276,9 @@ fn to_tensor(
         ElementType::Float32 => tensor::build_f32(tensor, flat.as_primitive::<Float32Type>().values().to_vec()),
         ElementType::UInt8 => {
             tensor::build_u8(tensor, flat.as_primitive::<arrow::datatypes::UInt8Type>().values().to_vec())
+        }
+        ElementType::UInt16 => {
+            tensor::build_u16(tensor, flat.as_primitive::<arrow::datatypes::UInt16Type>().values().to_vec())
         }
     };
     result.map_err(cast_error)

@@ -2,8 +2,8 @@
 //!
 //! The header is parsed by hand (format versions 1 to 3, as numpy writes
 //! them) and rows are read in batches, so memory use does not grow with the
-//! file. `uint8` arrays stay `uint8`; every other numeric type is read as
-//! float32. Each index of the first axis is one record, keyed by ordinal.
+//! file. `uint8` and `uint16` arrays keep their type; every other numeric
+//! type is read as float32. Each index of the first axis is one record, keyed by ordinal.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -116,7 +116,11 @@ impl NpySource {
             ));
         }
 
-        let element = if header.dtype == Dtype::U8 { ElementType::UInt8 } else { ElementType::Float32 };
+        let element = match header.dtype {
+            Dtype::U8 => ElementType::UInt8,
+            Dtype::U16 => ElementType::UInt16,
+            _ => ElementType::Float32,
+        };
         let tensor = TensorType::new(element, row_shape);
         let schema = Arc::new(Schema::new(vec![
             Field::new(ORDINAL_COLUMN, DataType::Int64, false),
@@ -213,6 +217,10 @@ impl Source for NpySource {
 
         let values: ArrayRef = match self.tensor.element {
             ElementType::UInt8 => tensor::build_u8(&self.tensor, bytes),
+            ElementType::UInt16 => tensor::build_u16(
+                &self.tensor,
+                bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+            ),
             ElementType::Float32 => {
                 let mut floats = Vec::with_capacity(count * self.tensor.len());
                 self.dtype.to_f32(&bytes, &mut floats);

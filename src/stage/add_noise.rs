@@ -3,7 +3,10 @@
 //! Each row gets `mean + std * z` added element by element, with `z` drawn
 //! from the row's own stream (seed, stage name, record key, sample index),
 //! then the optional clip range applied. Float data is never clipped unless
-//! a range is configured; uint8 data is rounded and saturates at 0 and 255.
+//! a range is configured. Integer data is rounded and saturates at its
+//! type's range. For uint8 the mean, std and clip bounds are in the data's
+//! own units (0 to 255). For uint16 they are in the same 8-bit units scaled
+//! by 257 = 65535 / 255, so one pipeline perturbs 8- and 16-bit images alike.
 
 use arrow::datatypes::SchemaRef;
 use rand_distr::{Distribution, StandardNormal};
@@ -13,6 +16,9 @@ use crate::batch::{Batch, Keys, sample_indices};
 use crate::config::{AddNoiseConfig, ConfigProblem};
 use crate::rng::StageRng;
 use crate::tensor::{self, ElementType, TensorType};
+
+/// Scale from 8-bit to 16-bit units.
+const U16_SCALE: f32 = 257.0;
 
 pub struct AddNoise {
     name: String,
@@ -50,18 +56,44 @@ impl AddNoise {
         Ok((Box::new(stage), schema))
     }
 
-    /// Adds noise to one row's values in place.
-    fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32) {
+    /// Adds noise to one row's values in place. `scale` multiplies the
+    /// configured mean, std and clip bounds.
+    fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32, scale: f32) {
         let mut rng = self.rng.stream(key, sample);
+        let (mean, std) = (self.mean * scale, self.std * scale);
         for value in values.iter_mut() {
             let z: f32 = StandardNormal.sample(&mut rng);
-            *value += self.mean + self.std * z;
+            *value += mean + std * z;
         }
         if let Some((low, high)) = self.clip {
             for value in values.iter_mut() {
-                *value = value.clamp(low, high);
+                *value = value.clamp(low * scale, high * scale);
             }
         }
+    }
+
+    /// Adds noise to integer rows: each row is widened to float32, perturbed,
+    /// rounded, and saturated at the type's range by `narrow`.
+    fn perturb_integers<T: Copy + num_traits::Bounded + Into<f64>>(
+        &self,
+        source: &[T],
+        scale: f32,
+        narrow: impl Fn(f32) -> T,
+        keys: &Keys,
+        samples: &[u32],
+    ) -> Vec<T> {
+        let max = T::max_value().into() as f32;
+        let row_len = self.tensor.len().max(1);
+        let mut values = Vec::with_capacity(source.len());
+        let mut row_buffer = vec![0f32; row_len];
+        for (row, chunk) in source.chunks_exact(row_len).enumerate() {
+            for (target, &value) in row_buffer.iter_mut().zip(chunk) {
+                *target = value.into() as f32;
+            }
+            self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row], scale);
+            values.extend(row_buffer.iter().map(|v| narrow(v.round().clamp(0.0, max))));
+        }
+        values
     }
 }
 
@@ -86,22 +118,19 @@ impl Stage for AddNoise {
             ElementType::Float32 => {
                 let mut values = tensor::f32_values(column).map_err(error)?.to_vec();
                 for (row, chunk) in values.chunks_exact_mut(row_len.max(1)).enumerate() {
-                    self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row]);
+                    self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row], 1.0);
                 }
                 tensor::build_f32(&self.tensor, values)
             }
             ElementType::UInt8 => {
                 let source = tensor::u8_values(column).map_err(error)?;
-                let mut values = Vec::with_capacity(source.len());
-                let mut row_buffer = vec![0f32; row_len];
-                for (row, chunk) in source.chunks_exact(row_len.max(1)).enumerate() {
-                    for (target, &value) in row_buffer.iter_mut().zip(chunk) {
-                        *target = f32::from(value);
-                    }
-                    self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row]);
-                    values.extend(row_buffer.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
-                }
+                let values = self.perturb_integers(source, 1.0, |v| v as u8, &keys, &samples);
                 tensor::build_u8(&self.tensor, values)
+            }
+            ElementType::UInt16 => {
+                let source = tensor::u16_values(column).map_err(error)?;
+                let values = self.perturb_integers(source, U16_SCALE, |v| v as u16, &keys, &samples);
+                tensor::build_u16(&self.tensor, values)
             }
         }
         .map_err(error)?;

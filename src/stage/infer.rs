@@ -218,6 +218,11 @@ impl Infer {
                         .map_err(|e| e.to_string())?
                         .into()
                 }
+                ElementType::UInt16 => {
+                    TensorRef::from_array_view((shape, tensor::u16_values(column).map_err(|e| e.to_string())?))
+                        .map_err(|e| e.to_string())?
+                        .into()
+                }
             };
             inputs.push((input.input.clone(), value));
         }
@@ -357,11 +362,12 @@ fn check_column_input(
     let expected = match input.element {
         Some(TensorElementType::Float32) => ElementType::Float32,
         Some(TensorElementType::Uint8) => ElementType::UInt8,
+        Some(TensorElementType::Uint16) => ElementType::UInt16,
         _ => {
             return Err(context.problem(
                 key,
                 format!(
-                    "model input {:?} takes {}; stochflow feeds float32 and uint8 tensors only",
+                    "model input {:?} takes {}; stochflow feeds float32, uint8 and uint16 tensors only",
                     input.name,
                     input.element_name()
                 ),

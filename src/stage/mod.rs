@@ -80,7 +80,10 @@ impl PlanContext<'_> {
             )
         })?;
         TensorType::of_field(field).ok_or_else(|| {
-            self.problem(key, format!("column {name:?} has type {}, not a float32 or uint8 tensor", field.data_type()))
+            self.problem(
+                key,
+                format!("column {name:?} has type {}, not a float32, uint8 or uint16 tensor", field.data_type()),
+            )
         })
     }
 

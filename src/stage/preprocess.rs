@@ -81,6 +81,7 @@ impl Preprocess {
         let element = match config.dtype {
             TensorDtype::Float32 => ElementType::Float32,
             TensorDtype::Uint8 => ElementType::UInt8,
+            TensorDtype::Uint16 => ElementType::UInt16,
         };
         let tensor = TensorType::new(element, shape);
         let output = config.output.clone().unwrap_or_else(|| config.column.clone());
@@ -223,6 +224,10 @@ impl Stage for Preprocess {
             ElementType::UInt8 => tensor::build_u8(
                 &self.tensor,
                 values.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect(),
+            ),
+            ElementType::UInt16 => tensor::build_u16(
+                &self.tensor,
+                values.iter().map(|v| (v * 65535.0).round().clamp(0.0, 65535.0) as u16).collect(),
             ),
         }
         .map_err(error)?;

@@ -91,9 +91,11 @@ fn exif_orientation_is_applied() {
         }
     }
     // Top-left is red and bottom-left is blue once rotated.
-    assert!(decoded[0] > 0.9 && decoded[2] < 0.1);
+    assert!(decoded[0] > 0.9, "top-left red channel is {}", decoded[0]);
+    assert!(decoded[2] < 0.1, "top-left blue channel is {}", decoded[2]);
     let last_row = 31 * 16 * 3;
-    assert!(decoded[last_row] < 0.1 && decoded[last_row + 2] > 0.9);
+    assert!(decoded[last_row] < 0.1, "bottom-left red channel is {}", decoded[last_row]);
+    assert!(decoded[last_row + 2] > 0.9, "bottom-left blue channel is {}", decoded[last_row + 2]);
 }
 
 #[test]

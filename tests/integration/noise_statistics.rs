@@ -101,3 +101,35 @@ fn uint8_noise_saturates_at_type_range() {
     assert!((full - 0.5).abs() < 0.05, "fraction saturated at 255 is {full}");
     assert!(low.iter().any(|v| *v > 20), "positive noise must raise some zeros");
 }
+
+#[test]
+fn uint16_noise_scales_to_sixteen_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("words.npy");
+    let records = 400;
+    let width = 50;
+    let clean_value: u16 = 30_000;
+    let data: Vec<u8> = (0..records * width).flat_map(|_| clean_value.to_le_bytes()).collect();
+    write_npy(&input, "<u2", &[records, width], &data);
+    // std 2 in 8-bit units is 514 in 16-bit units.
+    let yaml = format!(
+        "seed: 4\nsource: {{kind: npy, path: {}, column: x}}\nstages:\n  - {{kind: add_noise, column: x, output: noisy, std: 2.0}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input)
+    );
+    let output = run_ok(dir.path(), "words", &yaml);
+    let (schema, batches) = read_arrow(&output);
+    assert_eq!(schema.field_with_name("noisy").unwrap().data_type().to_string(), "FixedSizeList(50 x non-null UInt16)");
+    let noisy: Vec<f64> = batches
+        .iter()
+        .flat_map(|b| {
+            use arrow::array::AsArray;
+            let list = b.column_by_name("noisy").unwrap().as_fixed_size_list();
+            list.values().as_primitive::<arrow::datatypes::UInt16Type>().values().to_vec()
+        })
+        .map(|v| f64::from(v) - f64::from(clean_value))
+        .collect();
+    let (mean, std) = mean_std(&noisy);
+    // 20,000 draws: the standard error of the mean is 514 / 141 = 3.6.
+    assert!(mean.abs() < 18.0, "mean shift {mean}");
+    assert!((std - 514.0).abs() < 10.0, "std {std} is not 514 within 10");
+}
