@@ -106,18 +106,8 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 }
             }
             StageConfig::AddNoise(c) => {
-                if !(c.std >= 0.0 && c.std.is_finite()) {
-                    push(at("std"), format!("must be zero or positive, found {}", c.std));
-                }
-                if !c.mean.is_finite() {
-                    push(at("mean"), format!("must be a finite number, found {}", c.mean));
-                }
-                if let Some([low, high]) = c.clip {
-                    if low.is_nan() || high.is_nan() {
-                        push(at("clip"), String::from("bounds must be numbers; use .inf or -.inf for an open side"));
-                    } else if low > high {
-                        push(at("clip"), format!("lower bound {low} is above upper bound {high}"));
-                    }
+                for problem in c.check(at) {
+                    push(problem.path, problem.message);
                 }
             }
             StageConfig::Infer(c) => {

@@ -7,6 +7,7 @@
 mod check;
 mod load;
 mod locate;
+mod noise;
 mod sink;
 mod source;
 mod stage;
@@ -15,13 +16,14 @@ use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
+pub use noise::{AddNoiseConfig, NoiseKind};
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
 pub use source::{
     ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,
 };
 pub use stage::{
-    AddNoiseConfig, ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, NoiseKind,
-    PreprocessConfig, ResizeConfig, ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,
+    ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,
+    ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,
 };
 
 /// A whole pipeline file.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::noise::AddNoiseConfig;
+
 /// One step between the source and the sink.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -150,32 +152,6 @@ pub enum TensorDtype {
     Float32,
     Uint8,
     Uint16,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AddNoiseConfig {
-    #[serde(default)]
-    pub name: Option<String>,
-    pub column: String,
-    /// Column the noisy tensor goes to; replaces `column` when absent.
-    #[serde(default)]
-    pub output: Option<String>,
-    #[serde(default)]
-    pub noise: NoiseKind,
-    #[serde(default)]
-    pub mean: f64,
-    pub std: f64,
-    /// Lower and upper bound applied after the noise.
-    #[serde(default)]
-    pub clip: Option<[f64; 2]>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum NoiseKind {
-    #[default]
-    Gaussian,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

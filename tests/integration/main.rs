@@ -15,6 +15,8 @@ mod determinism;
 mod images;
 /// The model path agrees with onnxruntime in Python; noise hurts accuracy.
 mod model_path;
+/// Uniform, multiplicative, dropout, salt-and-pepper, Poisson and speckle noise.
+mod noise_kinds;
 /// Mean, spread, tails and clipping of the Gaussian noise.
 mod noise_statistics;
 /// pyarrow reads the output.

@@ -1,21 +1,26 @@
-//! The `add_noise` stage: Gaussian noise on a tensor column.
+//! The `add_noise` stage: random noise on a tensor column.
 //!
-//! Each row gets `mean + std * z` added element by element, with `z` drawn
-//! from the row's own stream (seed, stage name, record key, sample index),
-//! then the optional clip range applied. Float data is never clipped unless
-//! a range is configured. Integer data is rounded and saturates at its
-//! type's range. For uint8 the mean, std and clip bounds are in the data's
-//! own units (0 to 255). For uint16 they are in the same 8-bit units scaled
-//! by 257 = 65535 / 255, so one pipeline perturbs 8- and 16-bit images alike.
+//! Each row is perturbed with draws from its own stream (seed, stage name,
+//! record key, sample index); [`kinds`] lists the noise kinds. The optional
+//! clip range is applied after the noise. Float data is never clipped
+//! unless a range is configured. Integer data is rounded and saturates at
+//! its type's range. For uint8, additive settings (mean, std, low, high,
+//! salt, pepper, clip) are in the data's own units, 0 to 255. For uint16
+//! they are in the same 8-bit units scaled by 257 = 65535 / 255, so one
+//! pipeline perturbs 8- and 16-bit images alike. Rates and the Poisson
+//! scale are not scaled.
+
+mod kinds;
 
 use arrow::datatypes::SchemaRef;
-use rand_distr::{Distribution, StandardNormal};
 
-use super::{PlanContext, Planned, Stage, StageError, schema_with, with_column};
+use super::{PlanContext, Planned, Stage, StageError, reject_rows, schema_with, with_column};
 use crate::batch::{Batch, Keys, sample_indices};
 use crate::config::{AddNoiseConfig, ConfigProblem};
 use crate::rng::StageRng;
 use crate::tensor::{self, ElementType, TensorType};
+
+pub use kinds::{Noise, ValueRange};
 
 /// Scale from 8-bit to 16-bit units.
 const U16_SCALE: f32 = 257.0;
@@ -25,8 +30,8 @@ pub struct AddNoise {
     column: String,
     output: String,
     tensor: TensorType,
-    mean: f32,
-    std: f32,
+    noise: Noise,
+    /// Clip bounds in the data's units.
     clip: Option<(f32, f32)>,
     rng: StageRng,
     key_column: String,
@@ -38,6 +43,11 @@ impl AddNoise {
     pub fn plan(config: &AddNoiseConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
         let name = config.name.clone().unwrap_or_else(|| String::from("add_noise"));
         let tensor = context.tensor_column("column", &config.column).map_err(|p| vec![p])?;
+        let (unit, range) = match tensor.element {
+            ElementType::Float32 => (1.0, ValueRange { low: 0.0, high: 1.0 }),
+            ElementType::UInt8 => (1.0, ValueRange { low: 0.0, high: 255.0 }),
+            ElementType::UInt16 => (U16_SCALE, ValueRange { low: 0.0, high: 65535.0 }),
+        };
         let output = config.output.clone().unwrap_or_else(|| config.column.clone());
         let schema = schema_with(context.input, tensor.field(&output));
         let stage = Self {
@@ -45,10 +55,9 @@ impl AddNoise {
             name,
             column: config.column.clone(),
             output,
+            noise: Noise::from_config(config, unit, range),
+            clip: config.clip.map(|[low, high]| (low as f32 * unit, high as f32 * unit)),
             tensor,
-            mean: config.mean as f32,
-            std: config.std as f32,
-            clip: config.clip.map(|[low, high]| (low as f32, high as f32)),
             key_column: context.key_column.to_string(),
             schema: schema.clone(),
             workers: context.workers,
@@ -56,31 +65,27 @@ impl AddNoise {
         Ok((Box::new(stage), schema))
     }
 
-    /// Adds noise to one row's values in place. `scale` multiplies the
-    /// configured mean, std and clip bounds.
-    fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32, scale: f32) {
+    /// Perturbs one row of float values in place.
+    fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32) -> Result<(), String> {
         let mut rng = self.rng.stream(key, sample);
-        let (mean, std) = (self.mean * scale, self.std * scale);
-        for value in values.iter_mut() {
-            let z: f32 = StandardNormal.sample(&mut rng);
-            *value += mean + std * z;
-        }
+        self.noise.apply(values, &mut rng)?;
         if let Some((low, high)) = self.clip {
             for value in values.iter_mut() {
-                *value = value.clamp(low * scale, high * scale);
+                *value = value.clamp(low, high);
             }
         }
+        Ok(())
     }
 
-    /// Adds noise to integer rows: each row is widened to float32, perturbed,
+    /// Perturbs integer rows: each row is widened to float32, perturbed,
     /// rounded, and saturated at the type's range by `narrow`.
     fn perturb_integers<T: Copy + num_traits::Bounded + Into<f64>>(
         &self,
         source: &[T],
-        scale: f32,
         narrow: impl Fn(f32) -> T,
         keys: &Keys,
         samples: &[u32],
+        problems: &mut [Option<String>],
     ) -> Vec<T> {
         let max = T::max_value().into() as f32;
         let row_len = self.tensor.len().max(1);
@@ -90,7 +95,9 @@ impl AddNoise {
             for (target, &value) in row_buffer.iter_mut().zip(chunk) {
                 *target = value.into() as f32;
             }
-            self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row], scale);
+            if let Err(reason) = self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row]) {
+                problems[row] = Some(reason);
+            }
             values.extend(row_buffer.iter().map(|v| narrow(v.round().clamp(0.0, max))));
         }
         values
@@ -112,30 +119,33 @@ impl Stage for AddNoise {
         let keys = Keys::new(data, &self.key_column).expect("the key column is checked when planning");
         let samples = sample_indices(data);
         let row_len = self.tensor.len();
+        let mut problems = vec![None; data.num_rows()];
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
 
         let noisy = match self.tensor.element {
             ElementType::Float32 => {
                 let mut values = tensor::f32_values(column).map_err(error)?.to_vec();
                 for (row, chunk) in values.chunks_exact_mut(row_len.max(1)).enumerate() {
-                    self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row], 1.0);
+                    if let Err(reason) = self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row]) {
+                        problems[row] = Some(reason);
+                    }
                 }
                 tensor::build_f32(&self.tensor, values)
             }
             ElementType::UInt8 => {
                 let source = tensor::u8_values(column).map_err(error)?;
-                let values = self.perturb_integers(source, 1.0, |v| v as u8, &keys, &samples);
+                let values = self.perturb_integers(source, |v| v as u8, &keys, &samples, &mut problems);
                 tensor::build_u8(&self.tensor, values)
             }
             ElementType::UInt16 => {
                 let source = tensor::u16_values(column).map_err(error)?;
-                let values = self.perturb_integers(source, U16_SCALE, |v| v as u16, &keys, &samples);
+                let values = self.perturb_integers(source, |v| v as u16, &keys, &samples, &mut problems);
                 tensor::build_u16(&self.tensor, values)
             }
         }
         .map_err(error)?;
 
         batch.data = with_column(data, &self.schema, &self.output, noisy);
-        Ok(batch)
+        Ok(reject_rows(batch, problems, &self.name, &self.key_column))
     }
 }
