@@ -137,6 +137,11 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                     }
                 }
             }
+            StageConfig::Repeat(c) => {
+                if c.samples == 0 {
+                    push(at("samples"), "must be at least 1".into());
+                }
+            }
             StageConfig::Sample(c) => {
                 if !(c.temperature >= 0.0 && c.temperature.is_finite()) {
                     push(at("temperature"), format!("must be zero or positive, found {}", c.temperature));

@@ -8,6 +8,7 @@ mod check;
 mod load;
 mod locate;
 mod noise;
+mod repeat;
 mod sink;
 mod source;
 mod stage;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use noise::{AddNoiseConfig, NoiseKind};
+pub use repeat::RepeatConfig;
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
 pub use source::{
     ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use super::noise::AddNoiseConfig;
+pub use super::repeat::RepeatConfig;
 
 /// One step between the source and the sink.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -13,6 +14,8 @@ pub use super::noise::AddNoiseConfig;
 pub enum StageConfig {
     /// Decode images and turn them into model-ready tensors.
     Preprocess(PreprocessConfig),
+    /// Repeat each record as several samples.
+    Repeat(RepeatConfig),
     /// Add random noise to a tensor column.
     AddNoise(AddNoiseConfig),
     /// Run an ONNX model.
@@ -25,6 +28,7 @@ impl StageConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             StageConfig::Preprocess(_) => "preprocess",
+            StageConfig::Repeat(_) => "repeat",
             StageConfig::AddNoise(_) => "add_noise",
             StageConfig::Infer(_) => "infer",
             StageConfig::Sample(_) => "sample",
@@ -35,6 +39,7 @@ impl StageConfig {
     pub fn name(&self) -> &str {
         let configured = match self {
             StageConfig::Preprocess(c) => &c.name,
+            StageConfig::Repeat(c) => &c.name,
             StageConfig::AddNoise(c) => &c.name,
             StageConfig::Infer(c) => &c.name,
             StageConfig::Sample(c) => &c.name,

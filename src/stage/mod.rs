@@ -9,6 +9,7 @@
 mod add_noise;
 mod infer;
 mod preprocess;
+mod repeat;
 mod sample;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ use crate::tensor::TensorType;
 pub use add_noise::AddNoise;
 pub use infer::Infer;
 pub use preprocess::Preprocess;
+pub use repeat::Repeat;
 pub use sample::Sample;
 
 /// A failure that stops the pipeline, as opposed to a rejected record.
@@ -102,6 +104,7 @@ pub fn plan(config: &StageConfig, context: &PlanContext) -> Result<Planned, Vec<
         StageConfig::AddNoise(c) => AddNoise::plan(c, context),
         StageConfig::Infer(c) => Infer::plan(c, context),
         StageConfig::Sample(c) => Sample::plan(c, context),
+        StageConfig::Repeat(c) => Repeat::plan(c, context),
     }
 }
 

@@ -99,3 +99,39 @@ fn fan_out_adds_sample_index_and_repeats_columns() {
     assert_eq!(int32(&batches, "sample"), [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]);
     assert_eq!(tensor_f32(&batches, "scores").len(), 12 * 5);
 }
+
+#[test]
+fn repeat_gives_each_sample_its_own_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[2, 3], &[0.0; 6]);
+    let yaml = format!(
+        "seed: 3\nsource: {{kind: npy, path: {}, column: x}}\nstages:\n  - {{kind: repeat, samples: 3}}\n  - {{name: noise, kind: add_noise, column: x, std: 1.0}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input)
+    );
+    let output = run_ok(dir.path(), "repeat", &yaml);
+    let (_, batches) = read_arrow(&output);
+    assert_eq!(int64(&batches, "ordinal"), [0, 0, 0, 1, 1, 1]);
+    assert_eq!(int32(&batches, "sample"), [0, 1, 2, 0, 1, 2]);
+    let values = tensor_f32(&batches, "x");
+    let rows: Vec<&[f32]> = values.chunks(3).collect();
+    for i in 0..rows.len() {
+        for j in i + 1..rows.len() {
+            assert_ne!(rows[i], rows[j], "rows {i} and {j} got the same noise");
+        }
+    }
+}
+
+#[test]
+fn second_fan_out_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[1, 5], &LOGITS);
+    let yaml = format!(
+        "seed: 3\nsource: {{kind: npy, path: {}, column: x}}\nstages:\n  - {{kind: repeat, samples: 3}}\n  - {{kind: sample, column: x, samples: 2}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input)
+    );
+    let (outcome, _) = run_yaml(dir.path(), "twice", &yaml);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("stages[1].samples: records were already fanned out"), "{}", outcome.stderr);
+}
