@@ -48,7 +48,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     })?;
 
     println!(
-        "read {} records, wrote {} records ({} rows), skipped {} records in {:.2} s; output: {}",
+        "read {} records, wrote {} records ({} rows), skipped {} records in {:.3} s; output: {}",
         summary.read,
         summary.written,
         summary.rows,

@@ -23,6 +23,11 @@ use crate::config::{ConfigProblem, StageConfig};
 use crate::tensor::TensorType;
 
 pub use add_noise::AddNoise;
+
+/// The noise kinds of `add_noise`, for benchmarks and library users.
+pub mod noise {
+    pub use super::add_noise::{Noise, ValueRange};
+}
 pub use infer::Infer;
 pub use preprocess::Preprocess;
 pub use repeat::Repeat;

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Benchmark stochflow side by side with a bare ONNX Runtime loop and the
+Python reference pipeline (numpy + onnxruntime + pyarrow), on the same
+models, records, batch sizes and thread counts.
+
+Usage:
+    python3 benches/run.py [--reference PATH/py_pipeline.py] [--rounds 3]
+                           [--records-scale 1.0] [--work DIR]
+
+Needs numpy, onnx, onnxruntime and pyarrow (target/test-venv after
+`bash tests/run.sh` has them). Each case runs every side once per round,
+round-robin, and reports medians, since the machine is shared and noisy.
+Without --reference, the Python columns are left out.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"command failed ({result.returncode}): {' '.join(map(str, command))}\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def peak_rss_mb(command):
+    """Runs `command` in a fresh Python child and returns its peak RSS in MiB."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "r = subprocess.run(sys.argv[1:], capture_output=True); "
+        "assert r.returncode == 0, r.stderr; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
+    return float(run([sys.executable, "-c", probe, *map(str, command)]).strip())
+
+
+def pipeline_yaml(case, work, input_path, records_note=""):
+    stages = {
+        "heavy": """
+  - {name: input_noise, kind: add_noise, column: x, std: 0.1}
+  - {name: model, kind: infer, model: %(model)s, inputs: {x: x}, batch_size: %(batch)d}
+  - {name: output_noise, kind: add_noise, column: y, std: 0.1}""",
+        "digits": """
+  - {name: input_noise, kind: add_noise, column: x, std: 0.1}
+  - {name: model, kind: infer, model: %(model)s, inputs: {pixels: x}, batch_size: %(batch)d}
+  - {name: draw, kind: sample, column: logits}""",
+        "conv": """
+  - {name: input_noise, kind: add_noise, column: x, std: 0.1}
+  - {name: model, kind: infer, model: %(model)s, inputs: {image: x}, batch_size: %(batch)d}
+  - {name: draw, kind: sample, column: logits}""",
+    }[case["kind"]] % {"model": json.dumps(str(case["model"])), "batch": case["batch"]}
+    columns = "[ordinal, y]" if case["kind"] == "heavy" else "[ordinal, class]"
+    text = (
+        f"seed: 1\nsource: {{kind: npy, path: {json.dumps(str(input_path))}, column: x, batch_size: {case['batch']}}}\n"
+        f"stages:{stages}\nsink: {{kind: arrow_file, path: {json.dumps(str(work / 'stochflow.arrow'))}, columns: {columns}}}\n"
+    )
+    path = work / f"{case['name']}.yaml"
+    path.write_text(text)
+    return path
+
+
+def stochflow_rate(binary, pipeline):
+    out = run([binary, "run", pipeline], env={**os.environ, "STOCHFLOW_LOG": "warn"})
+    match = re.search(r"read (\d+) records.* in ([0-9.]+) s", out)
+    return int(match.group(1)) / float(match.group(2))
+
+
+def ort_rate(ort_loop, case, input_path):
+    out = run([ort_loop, case["model"], input_path, str(case["batch"]), "0"])
+    return json.loads(out.strip().splitlines()[-1])["records_per_s"]
+
+
+def python_rate(reference, case, input_path, work):
+    mode = "noise" if case["kind"] == "heavy" else "sample"
+    out = run([sys.executable, reference, "--model", case["model"], "--input", input_path, "--records", "100000000",
+               "--batch", str(case["batch"]), "--mode", mode, "--no-spin", "--out", work / "python.arrow"])
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])["records_per_s"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, help="the Python reference pipeline script")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--records-scale", type=float, default=1.0)
+    parser.add_argument("--work", type=Path, default=ROOT / "target" / "bench")
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+
+    print("building (cargo build --release, cargo bench --no-run)", file=sys.stderr)
+    run(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
+    built = run(["cargo", "bench", "--no-run", "--message-format", "json", "--quiet"], cwd=ROOT)
+    executables = {}
+    for line in built.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") and "bench" in message["target"]["kind"]:
+            executables[message["target"]["name"]] = message["executable"]
+    binary = ROOT / "target" / "release" / "stochflow"
+    run([sys.executable, ROOT / "benches" / "make_models.py", work, "--records-scale", str(args.records_scale)])
+
+    models = {"heavy": work / "mlp_heavy.onnx", "digits": ROOT / "fixtures/models/mlp_digits.onnx",
+              "conv": ROOT / "fixtures/models/conv_photos.onnx"}
+    inputs = {"heavy": work / "heavy.npy", "digits": work / "digits.npy", "conv": work / "conv.npy"}
+    cases = [
+        {"name": f"{kind}_b{batch}", "kind": kind, "batch": batch, "model": models[kind]}
+        for kind in ("heavy", "digits", "conv") for batch in (64, 256)
+    ]
+
+    results = {case["name"]: {"stochflow": [], "ort": [], "python": []} for case in cases}
+    for round_index in range(args.rounds):
+        for case in cases:
+            print(f"round {round_index + 1}/{args.rounds}: {case['name']}", file=sys.stderr)
+            pipeline = pipeline_yaml(case, work, inputs[case["kind"]])
+            results[case["name"]]["stochflow"].append(stochflow_rate(binary, pipeline))
+            results[case["name"]]["ort"].append(ort_rate(executables["ort_loop"], case, inputs[case["kind"]]))
+            if args.reference:
+                results[case["name"]]["python"].append(python_rate(args.reference, case, inputs[case["kind"]], work))
+
+    print("\n| case | stochflow rec/s | bare ORT rec/s | Python rec/s | stochflow / ORT | stochflow / Python |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for case in cases:
+        medians = {side: statistics.median(v) if v else None for side, v in results[case["name"]].items()}
+        ours, ort, python = medians["stochflow"], medians["ort"], medians["python"]
+        python_text = f"{python:,.0f}" if python else "–"
+        python_ratio = f"{ours / python:.2f}" if python else "–"
+        print(f"| {case['name']} | {ours:,.0f} | {ort:,.0f} | {python_text} | {ours / ort:.2f} | {python_ratio} |")
+
+    noise = [json.loads(run([executables["noise"], "4000"]).strip().splitlines()[-1])["samples_per_s"] for _ in range(args.rounds)]
+    numpy_probe = ("import numpy as np, time; g = np.random.default_rng(0); g.standard_normal(10**7, dtype=np.float32); "
+                   "t = time.perf_counter(); g.standard_normal(10**7, dtype=np.float32); print(1e7 / (time.perf_counter() - t))")
+    numpy_rates = [float(run([sys.executable, "-c", numpy_probe]).strip()) for _ in range(args.rounds)]
+    print(f"\nGaussian float32 samples/s on one core: stochflow {statistics.median(noise) / 1e6:.0f} M "
+          f"(per-record streams), numpy Generator.standard_normal {statistics.median(numpy_rates) / 1e6:.0f} M, "
+          f"ratio {statistics.median(noise) / statistics.median(numpy_rates):.2f}")
+
+    rss = {}
+    for records in (100_000, 1_000_000):
+        case = {"name": f"digits_rss_{records}", "kind": "digits", "batch": 256, "model": models["digits"]}
+        subset = work / f"digits_{records}.npy"
+        if not subset.exists():
+            run([sys.executable, "-c", f"import numpy as np; np.save({str(subset)!r}, np.load({str(inputs['digits'])!r}, mmap_mode='r')[:{records}])"])
+        rss[records] = peak_rss_mb([binary, "run", pipeline_yaml(case, work, subset)])
+    print(f"Peak RSS, digits pipeline: {rss[100_000]:.0f} MiB for 10^5 records, {rss[1_000_000]:.0f} MiB for 10^6 "
+          f"(ratio {rss[1_000_000] / rss[100_000]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
