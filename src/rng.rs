@@ -8,15 +8,21 @@
 //! 256-bit ChaCha8 key, once per stage. A record's stream number is the 64-bit
 //! XXH3 hash of its key bytes, seeded with the sample index, and ChaCha8's
 //! `set_stream` selects that stream. Two different (key, sample) pairs share a
-//! stream only on a 64-bit hash collision. Changing this construction changes
-//! every output, so [`CONTRACT_VERSION`] is bumped when it does.
+//! stream only on a 64-bit hash collision. Changing this construction, or
+//! how a distribution consumes a stream ([`normal`] for Gaussians), changes
+//! outputs, so [`CONTRACT_VERSION`] is bumped when either does.
+
+mod normal;
+
+pub use normal::fill_standard_normal;
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use sha2::{Digest, Sha256};
 
-/// Version of the stream construction, recorded in output metadata.
-pub const CONTRACT_VERSION: u32 = 1;
+/// Version of the stream construction and of the draw algorithms, recorded
+/// in output metadata. Outputs of different versions are not comparable.
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// The random streams of one stage: a ChaCha8 key derived from the pipeline
 /// seed and the stage name.
@@ -86,5 +92,5 @@ mod tests {
         assert_eq!(words, KNOWN_WORDS);
     }
 
-    const KNOWN_WORDS: [u32; 4] = [307077582, 2921431371, 2471548940, 541097073];
+    const KNOWN_WORDS: [u32; 4] = [1290673753, 480825402, 3633111982, 762805888];
 }
