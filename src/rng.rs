@@ -5,30 +5,38 @@
 //! boundaries, worker counts and arrival order therefore cannot change a result.
 //!
 //! Construction: the seed and the stage name are hashed with SHA-256 into a
-//! 256-bit ChaCha8 key, once per stage. A record's stream number is the 64-bit
-//! XXH3 hash of its key bytes, seeded with the sample index, and ChaCha8's
-//! `set_stream` selects that stream. Two different (key, sample) pairs share a
-//! stream only on a 64-bit hash collision. Changing this construction, or
-//! how a distribution consumes a stream ([`normal`] for Gaussians), changes
-//! outputs, so [`CONTRACT_VERSION`] is bumped when either does.
+//! 256-bit stage key, once per stage. For each record, the 128-bit XXH3 hash
+//! of the record key's bytes, seeded with the sample index and the stage
+//! key, is expanded by SplitMix64 into the 256-bit state of a
+//! Xoshiro256++ generator. Two different (key, sample) pairs of a stage
+//! share a stream only on a 128-bit hash collision. Xoshiro256++ is used
+//! rather than ChaCha8 because it gives about four times as many random
+//! words per second here, and Gaussian noise on image-sized tensors is
+//! bound by them. Changing this construction, or how a distribution
+//! consumes a stream ([`normal`] for Gaussians), changes outputs, so
+//! [`CONTRACT_VERSION`] is bumped when either does.
 
 mod normal;
 
 pub use normal::fill_standard_normal;
 
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
 use sha2::{Digest, Sha256};
+
+/// The generator of one record's stream.
+pub type RecordRng = Xoshiro256PlusPlus;
 
 /// Version of the stream construction and of the draw algorithms, recorded
 /// in output metadata. Outputs of different versions are not comparable.
-pub const CONTRACT_VERSION: u32 = 2;
+pub const CONTRACT_VERSION: u32 = 3;
 
-/// The random streams of one stage: a ChaCha8 key derived from the pipeline
-/// seed and the stage name.
+/// The random streams of one stage: a key derived from the pipeline seed and
+/// the stage name.
 #[derive(Clone, Debug)]
 pub struct StageRng {
-    key: [u8; 32],
+    /// The SHA-256 stage key as four little-endian words.
+    key: [u64; 4],
 }
 
 impl StageRng {
@@ -40,21 +48,38 @@ impl StageRng {
         hasher.update(seed.to_le_bytes());
         hasher.update((stage_name.len() as u64).to_le_bytes());
         hasher.update(stage_name.as_bytes());
-        Self { key: hasher.finalize().into() }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let word = |i: usize| u64::from_le_bytes(digest[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        Self { key: [word(0), word(1), word(2), word(3)] }
     }
 
     /// Returns the generator for one record and sample index, positioned at
     /// the start of its stream.
-    pub fn stream(&self, record_key: &[u8], sample_index: u32) -> ChaCha8Rng {
-        let mut rng = ChaCha8Rng::from_seed(self.key);
-        rng.set_stream(stream_id(record_key, sample_index));
-        rng
+    pub fn stream(&self, record_key: &[u8], sample_index: u32) -> RecordRng {
+        let hash = xxhash_rust::xxh3::xxh3_128_with_seed(record_key, self.key[0] ^ u64::from(sample_index));
+        let mut low = SplitMix64(hash as u64 ^ self.key[1]);
+        let mut high = SplitMix64((hash >> 64) as u64 ^ self.key[2] ^ self.key[3]);
+        let state = [low.next(), low.next(), high.next(), high.next()];
+        let mut seed = [0u8; 32];
+        for (bytes, word) in seed.chunks_exact_mut(8).zip(state) {
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
+        RecordRng::from_seed(seed)
     }
 }
 
-/// Maps a record key and sample index to a ChaCha stream number.
-fn stream_id(record_key: &[u8], sample_index: u32) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(record_key, u64::from(sample_index))
+/// SplitMix64 (Steele, Lea and Flood, 2014), the seeding generator that the
+/// Xoshiro authors recommend for filling a state from 64-bit seeds.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 #[cfg(test)]
@@ -62,7 +87,7 @@ mod tests {
     use super::*;
     use rand::Rng;
 
-    fn first_words(rng: &mut ChaCha8Rng) -> [u32; 4] {
+    fn first_words(rng: &mut RecordRng) -> [u32; 4] {
         [rng.next_u32(), rng.next_u32(), rng.next_u32(), rng.next_u32()]
     }
 
@@ -92,5 +117,5 @@ mod tests {
         assert_eq!(words, KNOWN_WORDS);
     }
 
-    const KNOWN_WORDS: [u32; 4] = [1290673753, 480825402, 3633111982, 762805888];
+    const KNOWN_WORDS: [u32; 4] = [588552820, 769426515, 1926751707, 2442317139];
 }

@@ -2,10 +2,9 @@
 //! drawn from that row's random stream.
 
 use rand::RngExt;
-use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Poisson};
 
-use crate::rng::fill_standard_normal;
+use crate::rng::{RecordRng, fill_standard_normal};
 
 use crate::config::{AddNoiseConfig, NoiseKind};
 
@@ -74,7 +73,7 @@ impl Noise {
 
     /// Perturbs one row in place. Fails only for Poisson noise on a
     /// negative value, which has no count distribution.
-    pub fn apply(&self, values: &mut [f32], rng: &mut ChaCha8Rng) -> Result<(), String> {
+    pub fn apply(&self, values: &mut [f32], rng: &mut RecordRng) -> Result<(), String> {
         match *self {
             Noise::Gaussian { mean, std } => with_normals(rng, values, |value, z| *value += mean + std * z),
             Noise::Uniform { low, high } => {
@@ -125,7 +124,7 @@ impl Noise {
 
 /// Calls `update` on each value with a standard normal draw, drawn in
 /// chunks so the generator runs in bulk.
-fn with_normals(rng: &mut ChaCha8Rng, values: &mut [f32], update: impl Fn(&mut f32, f32)) {
+fn with_normals(rng: &mut RecordRng, values: &mut [f32], update: impl Fn(&mut f32, f32)) {
     let mut normals = [0f32; 256];
     for chunk in values.chunks_mut(normals.len()) {
         let normals = &mut normals[..chunk.len()];
