@@ -78,8 +78,15 @@ impl LoadedConfig {
 pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
     let text =
         std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
-    let mut config: PipelineConfig = serde_yaml_ng::from_str(&text)
-        .map_err(|err| ConfigError::Syntax { file: file.to_path_buf(), message: err.to_string() })?;
+    let locator = Locator::new(&text);
+    let mut config = match super::parse::parse(&text) {
+        Ok(config) => config,
+        Err(Ok(message)) => return Err(ConfigError::Syntax { file: file.to_path_buf(), message }),
+        Err(Err(problems)) => {
+            let problems = problems.into_iter().map(|p| (locator.find(&p.path), p)).collect();
+            return Err(ConfigError::Invalid { file: file.to_path_buf(), problems });
+        }
+    };
 
     if let Some(seed) = seed {
         config.seed = seed;
@@ -93,7 +100,7 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
         sink.path = output.to_path_buf();
     }
 
-    let loaded = LoadedConfig { config, file: file.to_path_buf(), locator: Locator::new(&text), fingerprint };
+    let loaded = LoadedConfig { config, file: file.to_path_buf(), locator, fingerprint };
     let problems = super::check::check(&loaded.config);
     if problems.is_empty() { Ok(loaded) } else { Err(loaded.error(problems)) }
 }

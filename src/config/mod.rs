@@ -8,6 +8,7 @@ mod check;
 mod load;
 mod locate;
 mod noise;
+mod parse;
 mod repeat;
 mod sink;
 mod source;
