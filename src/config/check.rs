@@ -162,5 +162,6 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     if sink.rows_per_batch == 0 {
         push("sink.rows_per_batch".into(), "must be at least 1".into());
     }
+    problems.extend(super::latent::check(config));
     problems
 }

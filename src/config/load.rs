@@ -108,6 +108,7 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
         SourceConfig::Images(c) => resolve(&mut c.path),
         SourceConfig::ArrowFile(c) => resolve(&mut c.path),
         SourceConfig::Npy(c) => resolve(&mut c.path),
+        SourceConfig::Latent(_) => {}
     }
     for stage in &mut config.stages {
         if let StageConfig::Infer(c) = stage {

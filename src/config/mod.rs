@@ -5,6 +5,7 @@
 //! rejected so that a typo never silently falls back to a default.
 
 mod check;
+mod latent;
 mod load;
 mod locate;
 mod sink;
@@ -13,6 +14,10 @@ mod stage;
 
 use serde::{Deserialize, Serialize};
 
+pub use latent::{
+    ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
+    PriorConfig, PriorKind, STEP_COLUMN,
+};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};

@@ -39,7 +39,7 @@ pub struct Pipeline {
 /// each with its YAML line.
 pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
     let config = &loaded.config;
-    let source = match source::open(&config.source) {
+    let source = match source::open(&config.source, config.seed) {
         Ok(source) => source,
         Err(err) => {
             let path = err.config_path().unwrap_or("source.path").to_string();

@@ -13,6 +13,8 @@ mod commands;
 mod determinism;
 /// Image decoding convention: bit depths, channels, EXIF orientation.
 mod images;
+/// The `latent` source: prior statistics, interpolation, determinism.
+mod latent_source;
 /// The model path agrees with onnxruntime in Python; noise hurts accuracy.
 mod model_path;
 /// Mean, spread, tails and clipping of the Gaussian noise.
