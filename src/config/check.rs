@@ -163,5 +163,6 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
         push("sink.rows_per_batch".into(), "must be at least 1".into());
     }
     problems.extend(super::latent::check(config));
+    problems.extend(super::image_sink::check(config));
     problems
 }

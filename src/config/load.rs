@@ -117,6 +117,9 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
     }
     let SinkConfig::ArrowFile(sink) = &mut config.sink;
     resolve(&mut sink.path);
+    if let Some(images) = &mut sink.images {
+        resolve(&mut images.path);
+    }
 }
 
 /// Hashes the canonical JSON form of the settings that can change output
@@ -128,6 +131,9 @@ fn fingerprint(config: &PipelineConfig) -> String {
     remove_keys(&mut value, &["runtime"]);
     remove_keys(&mut value["source"], &["batch_size"]);
     remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
+    if let Some(images) = value["sink"].get_mut("images") {
+        remove_keys(images, &["path"]);
+    }
     if let Some(stages) = value["stages"].as_array_mut() {
         for stage in stages {
             remove_keys(stage, &["batch_size", "threads", "sessions"]);

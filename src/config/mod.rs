@@ -5,6 +5,7 @@
 //! rejected so that a typo never silently falls back to a default.
 
 mod check;
+mod image_sink;
 mod latent;
 mod load;
 mod locate;
@@ -14,6 +15,7 @@ mod stage;
 
 use serde::{Deserialize, Serialize};
 
+pub use image_sink::ImageSinkConfig;
 pub use latent::{
     ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
     PriorConfig, PriorKind, STEP_COLUMN,

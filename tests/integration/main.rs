@@ -11,6 +11,8 @@ mod bad_input;
 mod commands;
 /// Same seed, same bytes, whatever the batching and parallelism.
 mod determinism;
+/// PNG output of `sink.images`: pixel mapping, file names, the generator pipelines.
+mod image_sink;
 /// Image decoding convention: bit depths, channels, EXIF orientation.
 mod images;
 /// The `latent` source: prior statistics, interpolation, determinism.
