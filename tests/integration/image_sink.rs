@@ -10,7 +10,7 @@ use image::DynamicImage;
 
 use crate::common::*;
 
-/// PNG samples of an image in file order, widened to u16.
+/// Decodes a PNG: its color type, width, height, and samples in file order widened to u16.
 fn png_levels(path: &Path) -> (image::ColorType, u32, u32, Vec<u16>) {
     let decoded = image::open(path).unwrap_or_else(|err| panic!("{} decodes: {err}", path.display()));
     let (color, width, height) = (decoded.color(), decoded.width(), decoded.height());
@@ -26,12 +26,12 @@ fn png_levels(path: &Path) -> (image::ColorType, u32, u32, Vec<u16>) {
     (color, width, height, levels)
 }
 
-/// The documented mapping: `[low, high]` to `[0, max]`, clipped, rounded.
+/// Maps a value as documented: `[low, high]` to `[0, max]`, clipped, rounded.
 fn expected_level(value: f64, low: f64, high: f64, max: f64) -> u16 {
     (((value - low) / (high - low)).clamp(0.0, 1.0) * max).round() as u16
 }
 
-/// The files in a folder, by name.
+/// Lists the names of the files in a folder.
 fn file_names(folder: &Path) -> BTreeSet<String> {
     std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
 }
@@ -255,7 +255,7 @@ fn file_names_follow_keys_and_samples() {
     assert_eq!(levels, [255, 128, 64, 0]);
 }
 
-/// `pipelines/<name>.yaml` with its paths moved: fixtures from the
+/// Writes `pipelines/<name>.yaml` with its paths moved: fixtures from the
 /// repository, outputs into `dir`. `extra` edits the text.
 fn example_pipeline(dir: &Path, name: &str, extra: impl Fn(String) -> String) -> PathBuf {
     let text = std::fs::read_to_string(repo(&format!("pipelines/{name}.yaml"))).unwrap();

@@ -1,6 +1,6 @@
 use crate::common::*;
 
-/// A pipeline of a `latent` source with `settings` and no stages.
+/// Returns a pipeline of a `latent` source with `settings` and no stages.
 fn latent_pipeline(seed: u64, settings: &str) -> String {
     format!("seed: {seed}\nsource:\n  kind: latent\n{settings}\nsink: {{kind: arrow_file, path: unused.arrow}}\n")
 }
@@ -20,7 +20,7 @@ fn prior_values(dir: &std::path::Path, name: &str, prior: &str) -> Vec<f64> {
     values
 }
 
-/// Kolmogorov-Smirnov statistic of `samples` against `cdf`.
+/// Computes the Kolmogorov-Smirnov statistic of `samples` against `cdf`.
 fn ks(samples: &[f64], cdf: impl Fn(f64) -> f64) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -60,7 +60,7 @@ fn uniform_prior_matches_uniform_cdf() {
     assert!(statistic < KS_CRITICAL, "KS statistic {statistic} exceeds {KS_CRITICAL}");
 }
 
-/// CDF of the normal(mean, std) truncated to [low, high].
+/// Returns the CDF of the normal(mean, std) truncated to [low, high].
 fn truncated_cdf(mean: f64, std: f64, low: f64, high: f64) -> impl Fn(f64) -> f64 {
     let below = normal_cdf((low - mean) / std);
     let mass = normal_cdf((high - mean) / std) - below;
@@ -70,7 +70,7 @@ fn truncated_cdf(mean: f64, std: f64, low: f64, high: f64) -> impl Fn(f64) -> f6
 #[test]
 fn truncated_normal_matches_truncated_cdf() {
     let dir = tempfile::tempdir().unwrap();
-    // An asymmetric window around the mean, and a one-sided tail that holds
+    // An asymmetric window around the mean, and a one-sided tail that contains
     // 6.7% of the normal's mass, where clipping would pile values at 1.5.
     for (name, prior, (mean, std, low, high)) in [
         ("window", "{kind: truncated_normal, mean: 0.5, std: 1.5, low: -0.5, high: 3.5}", (0.5, 1.5, -0.5, 3.5)),
@@ -83,12 +83,12 @@ fn truncated_normal_matches_truncated_cdf() {
     }
 }
 
-/// Latent vectors of each record, from the `z` column with `len` values per row.
+/// Splits the `z` column into one latent vector of `len` values per record.
 fn latent_rows(batches: &[arrow::array::RecordBatch], len: usize) -> Vec<Vec<f64>> {
     tensor_f32(batches, "z").chunks(len).map(|row| row.iter().map(|&v| f64::from(v)).collect()).collect()
 }
 
-/// Endpoints A and B of each path: a plain draw of shape [16] from the same
+/// Returns endpoints A and B of each path: a plain draw of shape [16] from the same
 /// streams yields A's 8 values and then B's, as the source draws them.
 fn endpoints(dir: &std::path::Path, paths: usize) -> Vec<(Vec<f64>, Vec<f64>)> {
     let batches = draw(dir, "endpoints", 9, &format!("  records: {paths}\n  shape: [16]"));
