@@ -211,12 +211,9 @@ fn png_pixels_match_tensor_values() {
     }
 }
 
-#[test]
-fn file_names_follow_keys_and_samples() {
-    let dir = tempfile::tempdir().unwrap();
-    // String keys that are file paths, a 2x2 gray image and two class scores
-    // per record; the sample stage makes two rows of each.
-    let input = dir.path().join("keyed.arrow");
+/// Writes an Arrow file with string `ids`, a 2x2 gray image `img` and two
+/// class scores per record.
+fn write_keyed_input(path: &Path, ids: [&str; 2]) {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
@@ -229,23 +226,35 @@ fn file_names_follow_keys_and_samples() {
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
-            Arc::new(StringArray::from(vec!["cats/a.png", "b"])),
+            Arc::new(StringArray::from(ids.to_vec())),
             list(4, vec![0.0, 0.25, 0.5, 1.0, 1.0, 0.5, 0.25, 0.0]),
             list(2, vec![0.0, 1.0, 2.0, 0.0]),
         ],
     )
     .unwrap();
-    let mut writer = FileWriter::try_new(File::create(&input).unwrap(), &schema).unwrap();
+    let mut writer = FileWriter::try_new(File::create(path).unwrap(), &schema).unwrap();
     writer.write(&batch).unwrap();
     writer.finish().unwrap();
+}
 
-    let folder = dir.path().join("pngs");
-    let yaml = format!(
+/// Returns a pipeline over `input` that draws two samples per record and
+/// writes `img` as PNG files into `folder`.
+fn keyed_pipeline(input: &Path, folder: &Path) -> String {
+    format!(
         "seed: 1\nsource: {{kind: arrow_file, path: {}, id_column: id, tensors: {{img: {{shape: [2, 2]}}}}}}\nstages:\n  - {{kind: sample, column: scores, samples: 2}}\nsink:\n  kind: arrow_file\n  path: unused.arrow\n  columns: [id, sample, class]\n  images: {{column: img, path: {}}}\n",
-        yaml_path(&input),
-        yaml_path(&folder)
-    );
-    let output = run_ok(dir.path(), "keyed", &yaml);
+        yaml_path(input),
+        yaml_path(folder)
+    )
+}
+
+#[test]
+fn file_names_follow_keys_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keys that are file paths; the sample stage makes two rows of each record.
+    let input = dir.path().join("keyed.arrow");
+    write_keyed_input(&input, ["cats/a.png", "b"]);
+    let folder = dir.path().join("pngs");
+    let output = run_ok(dir.path(), "keyed", &keyed_pipeline(&input, &folder));
     assert_eq!(rows(&read_arrow(&output).1), 4);
     let expected =
         BTreeSet::from(["cats%2Fa%2Epng_s0.png", "cats%2Fa%2Epng_s1.png", "b_s0.png", "b_s1.png"].map(String::from));
@@ -253,6 +262,18 @@ fn file_names_follow_keys_and_samples() {
     let (color, width, height, levels) = png_levels(&folder.join("b_s1.png"));
     assert_eq!((color, width, height), (image::ColorType::L8, 2, 2));
     assert_eq!(levels, [255, 128, 64, 0]);
+}
+
+#[test]
+fn duplicate_keys_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("same_keys.arrow");
+    write_keyed_input(&input, ["same", "same"]);
+    let (outcome, output) = run_yaml(dir.path(), "duplicates", &keyed_pipeline(&input, &dir.path().join("pngs")));
+    assert_eq!(outcome.code, 1, "{}", outcome.stdout);
+    assert!(outcome.stderr.contains("same_s0.png"), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("record key \"same\" names a file this run already wrote"), "{}", outcome.stderr);
+    assert!(!output.exists(), "a failed run must not commit the Arrow file");
 }
 
 /// Writes `pipelines/<name>.yaml` with its paths moved: fixtures from the
