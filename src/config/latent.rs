@@ -22,7 +22,8 @@ pub struct LatentSourceConfig {
     /// Name of the latent tensor column.
     #[serde(default = "default_latent_column")]
     pub column: String,
-    #[serde(default)]
+    /// A mapping with `kind` and parameters, or a kind alone (`prior: normal`).
+    #[serde(default, deserialize_with = "prior_or_kind")]
     pub prior: PriorConfig,
     /// Constant float32 tensor columns added to every record, by column name.
     #[serde(default)]
@@ -76,6 +77,29 @@ impl Default for PriorConfig {
     fn default() -> Self {
         Self { kind: String::from("normal"), mean: None, std: None, low: None, high: None }
     }
+}
+
+/// Reads `prior` as a mapping, or as a kind alone with default parameters.
+fn prior_or_kind<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<PriorConfig, D::Error> {
+    struct PriorVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for PriorVisitor {
+        type Value = PriorConfig;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a prior kind (normal, uniform or truncated_normal) or a mapping with `kind` and parameters")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, kind: &str) -> Result<PriorConfig, E> {
+            Ok(PriorConfig { kind: kind.to_string(), ..PriorConfig::default() })
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PriorConfig, A::Error> {
+            PriorConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+
+    deserializer.deserialize_any(PriorVisitor)
 }
 
 /// A prior with its parameters, defaults filled in.

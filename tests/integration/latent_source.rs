@@ -182,6 +182,17 @@ fn draws_ignore_record_count_and_batching() {
 }
 
 #[test]
+fn prior_kind_alone_takes_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = tensor_f32(&draw(dir.path(), "short", 3, "  records: 4\n  shape: [3]\n  prior: normal"), "z");
+    let settings = "  records: 4\n  shape: [3]\n  prior: {kind: normal, mean: 0.0, std: 1.0}";
+    let full = tensor_f32(&draw(dir.path(), "full", 3, settings), "z");
+    assert_eq!(short, full);
+    let stderr = invalid(dir.path(), &latent_pipeline(1, "  records: 4\n  shape: [8]\n  prior: uniform"));
+    assert!(stderr.contains("bad.yaml:6:3: source.prior.low: is required for a uniform prior"), "{stderr}");
+}
+
+#[test]
 fn conditioning_columns_repeat_constants() {
     let dir = tempfile::tempdir().unwrap();
     let settings = "  records: 5\n  shape: [2]\n  batch_size: 2\n  conditioning:\n    label: {values: [0, 0, 1, 0], shape: [2, 2]}\n    scale: {values: [0.5]}";
