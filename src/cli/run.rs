@@ -7,19 +7,20 @@ use std::sync::atomic::Ordering;
 
 use crate::config::{self, SinkConfig};
 use crate::runtime::{self, Counters};
-use crate::sink::ArrowFileSink;
+use crate::sink::{ArrowFileSink, Sink};
 
 pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> anyhow::Result<ExitCode> {
     let loaded = config::load(pipeline_file, seed, output)?;
-    let pipeline = runtime::plan(&loaded)?;
+    let mut pipeline = runtime::plan(&loaded)?;
     let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink;
-    let sink = ArrowFileSink::create(
+    let arrow = ArrowFileSink::create(
         &sink_config.path,
         pipeline.output_schema.clone(),
         pipeline.projection.clone(),
         sink_config.compression,
         sink_config.rows_per_batch,
     )?;
+    let sink = Sink::new(arrow, pipeline.images.take())?;
     let total = pipeline.source.len_hint();
     tracing::info!(pipeline = %pipeline_file.display(), seed = loaded.config.seed, output = %sink_config.path.display(), "run started");
 

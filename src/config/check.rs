@@ -157,5 +157,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     if sink.rows_per_batch == 0 {
         push("sink.rows_per_batch".into(), "must be at least 1".into());
     }
+    problems.extend(super::latent::check(config));
+    problems.extend(super::image_sink::check(config));
     problems
 }

@@ -115,6 +115,7 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
         SourceConfig::Images(c) => resolve(&mut c.path),
         SourceConfig::ArrowFile(c) => resolve(&mut c.path),
         SourceConfig::Npy(c) => resolve(&mut c.path),
+        SourceConfig::Latent(_) => {}
     }
     for stage in &mut config.stages {
         if let StageConfig::Infer(c) = stage {
@@ -123,6 +124,9 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
     }
     let SinkConfig::ArrowFile(sink) = &mut config.sink;
     resolve(&mut sink.path);
+    if let Some(images) = &mut sink.images {
+        resolve(&mut images.path);
+    }
 }
 
 /// Hashes the canonical JSON form of the settings that can change output
@@ -134,6 +138,9 @@ fn fingerprint(config: &PipelineConfig) -> String {
     remove_keys(&mut value, &["runtime"]);
     remove_keys(&mut value["source"], &["batch_size"]);
     remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
+    if let Some(images) = value["sink"].get_mut("images") {
+        remove_keys(images, &["path"]);
+    }
     if let Some(stages) = value["stages"].as_array_mut() {
         for stage in stages {
             remove_keys(stage, &["batch_size", "threads", "sessions"]);

@@ -5,6 +5,8 @@
 //! rejected so that a typo never silently falls back to a default.
 
 mod check;
+mod image_sink;
+mod latent;
 mod load;
 mod locate;
 mod noise;
@@ -16,6 +18,11 @@ mod stage;
 
 use serde::{Deserialize, Serialize};
 
+pub use image_sink::ImageSinkConfig;
+pub use latent::{
+    ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
+    PriorConfig, PriorKind, STEP_COLUMN,
+};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use noise::{AddNoiseConfig, NoiseKind};

@@ -25,6 +25,9 @@ pub struct ArrowFileSinkConfig {
     /// alone, never on the pipeline's internal batch sizes.
     #[serde(default = "default_rows_per_batch")]
     pub rows_per_batch: usize,
+    /// Also writes a tensor column as PNG files, one per row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<super::ImageSinkConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

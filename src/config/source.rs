@@ -14,6 +14,8 @@ pub enum SourceConfig {
     ArrowFile(ArrowFileSourceConfig),
     /// Rows of a `.npy` array: one record per index of the first axis.
     Npy(NpySourceConfig),
+    /// Records drawn from a prior: the input of a generator pipeline.
+    Latent(super::LatentSourceConfig),
 }
 
 impl SourceConfig {
@@ -22,6 +24,7 @@ impl SourceConfig {
             SourceConfig::Images(_) => "images",
             SourceConfig::ArrowFile(_) => "arrow_file",
             SourceConfig::Npy(_) => "npy",
+            SourceConfig::Latent(_) => "latent",
         }
     }
 
@@ -30,6 +33,7 @@ impl SourceConfig {
             SourceConfig::Images(c) => c.batch_size,
             SourceConfig::ArrowFile(c) => c.batch_size,
             SourceConfig::Npy(c) => c.batch_size,
+            SourceConfig::Latent(c) => c.batch_size,
         }
     }
 }

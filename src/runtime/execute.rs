@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::plan::{Pipeline, error_chain};
 use super::rebatch::rebatch;
 use crate::batch::{Batch, SAMPLE_COLUMN};
-use crate::sink::{ArrowFileSink, SinkError};
+use crate::sink::{Sink, SinkError};
 use crate::source::SourceError;
 use crate::stage::StageError;
 
@@ -71,7 +71,7 @@ const REJECTION_LOG_EVERY: u64 = 1000;
 
 /// Runs the pipeline to the end of its source, or until `counters.stop` is
 /// set, and commits the output file.
-pub async fn execute(pipeline: Pipeline, sink: ArrowFileSink, counters: Arc<Counters>) -> Result<Summary, RunError> {
+pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) -> Result<Summary, RunError> {
     let started = Instant::now();
     let Pipeline { mut source, stages, stage_inputs, channel_capacity, .. } = pipeline;
     let mut tasks = tokio::task::JoinSet::new();
@@ -105,7 +105,7 @@ pub async fn execute(pipeline: Pipeline, sink: ArrowFileSink, counters: Arc<Coun
     }
 
     let sink_counters = counters.clone();
-    let sink_task = tokio::task::spawn_blocking(move || -> Result<ArrowFileSink, RunError> {
+    let sink_task = tokio::task::spawn_blocking(move || -> Result<Sink, RunError> {
         let _span = tracing::info_span!("sink").entered();
         let mut sink = sink;
         while let Some(batch) = rx.blocking_recv() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arrow::datatypes::{Schema, SchemaRef};
 
 use crate::config::{ConfigError, ConfigProblem, LoadedConfig, SinkConfig};
+use crate::sink::ImageSink;
 use crate::source::{self, Source, SourceError};
 use crate::stage::{self, PlanContext, Stage};
 
@@ -33,13 +34,15 @@ pub struct Pipeline {
     pub projection: Vec<usize>,
     pub key_column: String,
     pub channel_capacity: usize,
+    /// The PNG output of `sink.images`, planned but not yet created.
+    pub images: Option<ImageSink>,
 }
 
 /// Plans the pipeline of a loaded file. Every problem found is reported,
 /// each with its YAML line.
 pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
     let config = &loaded.config;
-    let source = match source::open(&config.source) {
+    let source = match source::open(&config.source, config.seed) {
         Ok(source) => source,
         Err(err) => {
             let path = err.config_path().unwrap_or("source.path").to_string();
@@ -100,6 +103,10 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
             )),
         }
     }
+    let images = sink
+        .images
+        .as_ref()
+        .and_then(|c| ImageSink::plan(c, &schema, &key_column).map_err(|problem| problems.push(problem)).ok());
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());
     }
@@ -126,6 +133,7 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
         projection,
         key_column,
         channel_capacity: config.runtime.channel_capacity,
+        images,
     })
 }
 

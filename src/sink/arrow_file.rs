@@ -33,6 +33,8 @@ pub enum SinkError {
     },
     #[error("cannot write Arrow data to {}: {message}", path.display())]
     Arrow { path: PathBuf, message: String },
+    #[error("cannot write image {}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
 }
 
 pub struct ArrowFileSink {

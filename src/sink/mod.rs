@@ -1,5 +1,9 @@
 //! Sinks: where results go.
 
 mod arrow_file;
+mod images;
+mod output;
 
 pub use arrow_file::{ArrowFileSink, SinkError};
+pub use images::ImageSink;
+pub use output::Sink;

@@ -7,7 +7,10 @@
 
 mod arrow_file;
 mod images;
+mod interpolate;
+mod latent;
 mod npy;
+mod prior;
 
 use std::path::PathBuf;
 
@@ -18,6 +21,7 @@ use crate::config::SourceConfig;
 
 pub use arrow_file::ArrowFileSource;
 pub use images::ImagesSource;
+pub use latent::LatentSource;
 pub use npy::NpySource;
 
 /// Name of the key column of sources keyed by ordinal.
@@ -64,11 +68,13 @@ pub trait Source: Send {
     fn next_batch(&mut self) -> Result<Option<Batch>, SourceError>;
 }
 
-/// Opens the configured source.
-pub fn open(config: &SourceConfig) -> Result<Box<dyn Source>, SourceError> {
+/// Opens the configured source. `seed` is the pipeline seed, for sources
+/// that draw their records.
+pub fn open(config: &SourceConfig, seed: u64) -> Result<Box<dyn Source>, SourceError> {
     Ok(match config {
         SourceConfig::Images(c) => Box::new(ImagesSource::open(c)?),
         SourceConfig::ArrowFile(c) => Box::new(ArrowFileSource::open(c)?),
         SourceConfig::Npy(c) => Box::new(NpySource::open(c)?),
+        SourceConfig::Latent(c) => Box::new(LatentSource::open(c, seed)?),
     })
 }

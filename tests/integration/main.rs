@@ -11,8 +11,12 @@ mod bad_input;
 mod commands;
 /// Same seed, same bytes, whatever the batching and parallelism.
 mod determinism;
+/// PNG output of `sink.images`: pixel mapping, file names, the generator pipelines.
+mod image_sink;
 /// Image decoding convention: bit depths, channels, EXIF orientation.
 mod images;
+/// The `latent` source: prior statistics, interpolation, determinism.
+mod latent_source;
 /// The model path agrees with onnxruntime in Python; noise hurts accuracy.
 mod model_path;
 /// Uniform, multiplicative, dropout, salt-and-pepper, Poisson and speckle noise.
