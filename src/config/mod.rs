@@ -4,6 +4,7 @@
 //! and one sink. docs/pipeline.md documents every key. Unknown keys are
 //! rejected so that a typo never silently falls back to a default.
 
+mod augment;
 mod check;
 mod load;
 mod locate;
@@ -13,6 +14,7 @@ mod stage;
 
 use serde::{Deserialize, Serialize};
 
+pub use augment::{AugmentConfig, AugmentOp, FillMode, FlipMode, Interpolation, PairedConfig, RangeConfig, Resample};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
