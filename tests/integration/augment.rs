@@ -375,3 +375,18 @@ fn oversized_crop_fails_validation() {
     assert_eq!(outcome.code, 1, "{outcome:?}");
     assert!(outcome.stderr.contains("stages[1].ops[1].crop"), "{}", outcome.stderr);
 }
+
+#[test]
+fn paired_size_mismatch_fails_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: images, path: {}}}\nstages:\n  - {{name: small, kind: preprocess, resize: {{width: 4, height: 3}}, output: mask}}\n  - {{kind: preprocess, resize: {{width: 8, height: 6}}}}\n  - {{kind: augment, column: image, paired: [{{column: mask}}, {{column: image}}], ops: [{{flip: both}}]}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&repo("fixtures/images/rgb8.png"))
+    );
+    let pipeline = write_pipeline(dir.path(), "paired.yaml", &yaml);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{outcome:?}");
+    assert!(outcome.stderr.contains("stages[2].paired[0].column"), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("has height 3 and width 4"), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("stages[2].paired[1].column"), "{}", outcome.stderr);
+}

@@ -22,7 +22,7 @@ use arrow::datatypes::SchemaRef;
 
 use super::{PlanContext, Planned, Stage, StageError, schema_with};
 use crate::batch::{Batch, Keys, sample_indices};
-use crate::config::{AugmentConfig, AugmentOp, ConfigProblem, Layout};
+use crate::config::{AugmentConfig, AugmentOp, ConfigProblem, Layout, PairedConfig};
 use crate::rng::StageRng;
 use crate::tensor::{self, ElementType, TensorType};
 use ops::{ColumnSettings, Op};
@@ -178,50 +178,17 @@ impl Augment {
                 ));
                 continue;
             }
-            let tensor = match context.tensor_column(&key, &paired.column) {
-                Ok(tensor) => tensor,
-                Err(problem) => {
-                    problems.push(problem);
-                    continue;
-                }
-            };
-            let layout = paired.layout.unwrap_or(config.layout);
-            let (paired_channels, paired_height, paired_width) = match image_dims(&tensor.shape, layout) {
-                Ok(dims) => dims,
-                Err(message) => {
-                    problems.push(context.problem(&key, format!("column {:?} {message}", paired.column)));
-                    continue;
-                }
-            };
-            if (paired_height, paired_width) != (height, width) {
-                problems.push(context.problem(
-                    &key,
-                    format!(
-                        "column {:?} has height {paired_height} and width {paired_width}, but column {:?} has height {height} and width {width}; paired columns must match the main column's size",
-                        paired.column, config.column
-                    ),
-                ));
-                continue;
+            match plan_paired(paired, &key, &columns[0], size, context) {
+                Ok(column) => columns.push(column),
+                Err(problem) => problems.push(problem),
             }
-            let unit = unit_scale(tensor.element);
-            columns.push(ImageColumn {
-                input: paired.column.clone(),
-                output: paired.output.clone().unwrap_or_else(|| paired.column.clone()),
-                layout,
-                element: tensor.element,
-                channels: paired_channels,
-                height,
-                width,
-                output_tensor: TensorType::new(tensor.element, image_shape(layout, paired_channels, size.0, size.1)),
-                settings: ColumnSettings {
-                    interpolation: Some(paired.interpolation),
-                    fill_value: paired.fill_value.map(|v| v as f32 * unit),
-                    color: paired.color,
-                    unit,
-                },
-            });
         }
 
+        // Output names are compared only once every column is planned, so
+        // that a problem's `paired[i]` index is the configured one.
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         let mut outputs = HashSet::new();
         for (index, column) in columns.iter().enumerate() {
             let key = if index == 0 { String::from("output") } else { format!("paired[{}].output", index - 1) };
@@ -275,6 +242,47 @@ impl Augment {
         }
         images
     }
+}
+
+/// Plans one paired column, which must be an image of the main column's
+/// height and width. `size` is the (height, width) after every crop.
+fn plan_paired(
+    paired: &PairedConfig,
+    key: &str,
+    main: &ImageColumn,
+    size: (usize, usize),
+    context: &PlanContext,
+) -> Result<ImageColumn, ConfigProblem> {
+    let tensor = context.tensor_column(key, &paired.column)?;
+    let layout = paired.layout.unwrap_or(main.layout);
+    let (channels, height, width) = image_dims(&tensor.shape, layout)
+        .map_err(|message| context.problem(key, format!("column {:?} {message}", paired.column)))?;
+    if (height, width) != (main.height, main.width) {
+        return Err(context.problem(
+            key,
+            format!(
+                "column {:?} has height {height} and width {width}, but column {:?} has height {} and width {}; paired columns must match the main column's size",
+                paired.column, main.input, main.height, main.width
+            ),
+        ));
+    }
+    let unit = unit_scale(tensor.element);
+    Ok(ImageColumn {
+        input: paired.column.clone(),
+        output: paired.output.clone().unwrap_or_else(|| paired.column.clone()),
+        layout,
+        element: tensor.element,
+        channels,
+        height,
+        width,
+        output_tensor: TensorType::new(tensor.element, image_shape(layout, channels, size.0, size.1)),
+        settings: ColumnSettings {
+            interpolation: Some(paired.interpolation),
+            fill_value: paired.fill_value.map(|v| v as f32 * unit),
+            color: paired.color,
+            unit,
+        },
+    })
 }
 
 /// Reads a tensor column as float32 values in the data's own units.
