@@ -390,3 +390,46 @@ fn paired_size_mismatch_fails_validation() {
     assert!(outcome.stderr.contains("has height 3 and width 4"), "{}", outcome.stderr);
     assert!(outcome.stderr.contains("stages[2].paired[1].column"), "{}", outcome.stderr);
 }
+
+#[test]
+fn chw_and_hwc_augment_alike() {
+    // The same photos as chw (main) and hwc (paired, bilinear, with color)
+    // take the same draws, so they agree value for value once transposed.
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+seed: 6
+source: {{kind: images, path: {path}}}
+stages:
+  - {{name: decode_hwc, kind: preprocess, resize: {{width: 10, height: 8}}, layout: hwc, output: hwc}}
+  - {{name: decode, kind: preprocess, resize: {{width: 10, height: 8}}}}
+  - name: tta
+    kind: augment
+    column: image
+    paired: [{{column: hwc, layout: hwc, interpolation: bilinear, color: true}}]
+    ops:
+      - flip: both
+      - rotation: {{degrees: 30}}
+      - zoom: {{height: 0.2, width: 0.1, fill: wrap}}
+      - translation: {{height: 0.2, width: 0.2, fill: constant, fill_value: 0.3}}
+      - crop: {{height: 6, width: 7}}
+      - contrast: {{factor: 0.3}}
+      - brightness: {{delta: 0.1}}
+sink: {{kind: arrow_file, path: unused.arrow}}
+"#,
+        path = yaml_path(&repo("fixtures/photos")),
+    );
+    let (schema, batches) = read_arrow(&run_ok(dir.path(), "layouts", &yaml));
+    assert_eq!(declared(&schema, "image").shape, [3, 6, 7]);
+    assert_eq!(declared(&schema, "hwc").shape, [6, 7, 3]);
+    let chw = tensor_f32(&batches, "image");
+    let hwc = tensor_f32(&batches, "hwc");
+    assert_eq!(chw.len(), 5 * 3 * 6 * 7);
+    for (row, (planar, interleaved)) in chw.chunks(126).zip(hwc.chunks(126)).enumerate() {
+        for c in 0..3 {
+            for pixel in 0..42 {
+                assert_eq!(planar[c * 42 + pixel], interleaved[pixel * 3 + c], "row {row}, channel {c}, pixel {pixel}");
+            }
+        }
+    }
+}

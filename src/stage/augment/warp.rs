@@ -177,6 +177,25 @@ mod tests {
     }
 
     #[test]
+    fn positive_angle_turns_counter_clockwise() {
+        // The pixel right of center moves to above center.
+        let mut data = vec![0.0; 9];
+        data[5] = 1.0;
+        let image = gray(3, 3, &data);
+        let rotated = warp(
+            &image,
+            (3, 3),
+            Affine::rotation(90.0, (3, 3), (3, 3)),
+            FillMode::Constant,
+            0.0,
+            Interpolation::Bilinear,
+        );
+        let mut expected = vec![0.0; 9];
+        expected[1] = 1.0;
+        assert_eq!(rotated.data, expected);
+    }
+
+    #[test]
     fn half_turn_keeps_the_canvas() {
         let image = gray(2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let rotated = warp(
