@@ -150,6 +150,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                     push(at("samples"), "must be at least 1".into());
                 }
             }
+            StageConfig::Augment(c) => c.problems().into_iter().for_each(|(key, message)| push(at(&key), message)),
         }
     }
 

@@ -4,6 +4,7 @@
 //! and one sink. docs/pipeline.md documents every key. Unknown keys are
 //! rejected so that a typo never silently falls back to a default.
 
+mod augment;
 mod check;
 mod image_sink;
 mod latent;
@@ -23,6 +24,7 @@ pub use latent::{
     ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
     PriorConfig, PriorKind, STEP_COLUMN,
 };
+pub use augment::{AugmentConfig, AugmentOp, FillMode, FlipMode, Interpolation, PairedConfig, RangeConfig, Resample};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use noise::{AddNoiseConfig, NoiseKind};

@@ -22,6 +22,8 @@ pub enum StageConfig {
     Infer(InferConfig),
     /// Draw samples from a model's output distribution.
     Sample(SampleConfig),
+    /// Randomly flip, rotate, zoom, shift, crop or recolor image tensors.
+    Augment(super::AugmentConfig),
 }
 
 impl StageConfig {
@@ -32,6 +34,7 @@ impl StageConfig {
             StageConfig::AddNoise(_) => "add_noise",
             StageConfig::Infer(_) => "infer",
             StageConfig::Sample(_) => "sample",
+            StageConfig::Augment(_) => "augment",
         }
     }
 
@@ -43,6 +46,7 @@ impl StageConfig {
             StageConfig::AddNoise(c) => &c.name,
             StageConfig::Infer(c) => &c.name,
             StageConfig::Sample(c) => &c.name,
+            StageConfig::Augment(c) => &c.name,
         };
         configured.as_deref().unwrap_or(self.kind())
     }

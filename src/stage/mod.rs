@@ -7,6 +7,7 @@
 //! batch's rows to its rejections, with the reason.
 
 mod add_noise;
+mod augment;
 mod infer;
 mod preprocess;
 mod repeat;
@@ -23,6 +24,7 @@ use crate::config::{ConfigProblem, StageConfig};
 use crate::tensor::TensorType;
 
 pub use add_noise::AddNoise;
+pub use augment::Augment;
 
 /// The noise kinds of `add_noise`, for benchmarks and library users.
 pub mod noise {
@@ -110,6 +112,7 @@ pub fn plan(config: &StageConfig, context: &PlanContext) -> Result<Planned, Vec<
         StageConfig::Infer(c) => Infer::plan(c, context),
         StageConfig::Sample(c) => Sample::plan(c, context),
         StageConfig::Repeat(c) => Repeat::plan(c, context),
+        StageConfig::Augment(c) => Augment::plan(c, context),
     }
 }
 

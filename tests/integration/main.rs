@@ -5,6 +5,8 @@
 
 mod common;
 
+/// Image augmentation: geometry, dtypes, pairing, fan-out and determinism.
+mod augment;
 /// Bad files, bad records and bad settings, with their exit codes.
 mod bad_input;
 /// `inspect`, `validate` and the options of `run`.
