@@ -7,6 +7,7 @@
 mod check;
 mod load;
 mod locate;
+mod sampling;
 mod sink;
 mod source;
 mod stage;
@@ -15,13 +16,17 @@ use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
+pub use sampling::{
+    AggregateConfig, AggregateOp, Distribution, EntropyAggregate, MomentAggregate, SampleConfig, SampleFrom,
+    VoteAggregate,
+};
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
 pub use source::{
     ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,
 };
 pub use stage::{
     AddNoiseConfig, ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, NoiseKind,
-    PreprocessConfig, ResizeConfig, ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,
+    PreprocessConfig, ResizeConfig, ResizeFilter, StageConfig, TensorDtype,
 };
 
 /// A whole pipeline file.

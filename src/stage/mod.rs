@@ -7,6 +7,7 @@
 //! batch's rows to its rejections, with the reason.
 
 mod add_noise;
+mod aggregate;
 mod infer;
 mod preprocess;
 mod sample;
@@ -22,6 +23,7 @@ use crate::config::{ConfigProblem, StageConfig};
 use crate::tensor::TensorType;
 
 pub use add_noise::AddNoise;
+pub use aggregate::Aggregate;
 pub use infer::Infer;
 pub use preprocess::Preprocess;
 pub use sample::Sample;
@@ -102,6 +104,7 @@ pub fn plan(config: &StageConfig, context: &PlanContext) -> Result<Planned, Vec<
         StageConfig::AddNoise(c) => AddNoise::plan(c, context),
         StageConfig::Infer(c) => Infer::plan(c, context),
         StageConfig::Sample(c) => Sample::plan(c, context),
+        StageConfig::Aggregate(c) => Aggregate::plan(c, context),
     }
 }
 
