@@ -56,7 +56,7 @@ pub struct SampleConfig {
 }
 
 impl SampleConfig {
-    /// The output column: the configured one, else the distribution's default.
+    /// Returns the output column: the configured one, else the distribution's default.
     pub fn output(&self) -> &str {
         match (&self.output, self.distribution) {
             (Some(output), _) => output,
@@ -66,7 +66,7 @@ impl SampleConfig {
         }
     }
 
-    /// The grid spacing of stochastic rounding.
+    /// Returns the grid spacing of stochastic rounding, 1 when not set.
     pub fn step(&self) -> f64 {
         self.step.unwrap_or(1.0)
     }
@@ -156,7 +156,7 @@ impl AggregateOp {
         }
     }
 
-    /// The input column.
+    /// Returns the input column.
     pub fn column(&self) -> &str {
         match self {
             AggregateOp::Mean(c) | AggregateOp::Std(c) => &c.column,
@@ -167,7 +167,7 @@ impl AggregateOp {
         }
     }
 
-    /// The output columns, each with the key that names it.
+    /// Returns the output columns, each with the key that names it.
     pub fn outputs(&self) -> Vec<(&'static str, String)> {
         let column = self.column();
         match self {

@@ -28,7 +28,7 @@ use crate::batch::{Batch, Keys, Rejected, SAMPLE_COLUMN, sample_indices};
 use crate::config::{AggregateConfig, AggregateOp, ConfigProblem, SampleFrom};
 use crate::tensor::{self, ElementType, TensorType};
 
-/// What one aggregate reads and computes.
+/// One planned aggregate: its input column and what it computes.
 enum Summary {
     /// Elementwise mean or standard deviation; `shape` is `None` for a plain
     /// Float32 column.
@@ -183,9 +183,12 @@ impl Aggregate {
         runs
     }
 
-    /// Why a run is not a whole record, if it is not.
+    /// Returns why a run is not a whole record, or `None` when it is.
     fn incomplete(&self, samples: &[u32], key: &str, rejected: &[Rejected]) -> Option<String> {
-        let expected = self.expected_samples.unwrap_or(samples.len());
+        // Without the count in the field's metadata, the highest index seen
+        // is used instead, so only samples missing at the end go unnoticed.
+        let highest = samples.iter().copied().max().map_or(0, |s| s as usize + 1);
+        let expected = self.expected_samples.unwrap_or(highest);
         if samples.iter().copied().eq(0..expected as u32) {
             return None;
         }
@@ -194,11 +197,12 @@ impl Aggregate {
             .find(|r| r.key == key)
             .map_or_else(|| String::from("an earlier stage (see the log)"), |r| format!("stage {}", r.component));
         Some(format!(
-            "only samples {samples:?} of 0..{expected} reached this stage; the others were rejected by {by}, so the record is not summarized"
+            "only samples {samples:?} of 0 to {} reached this stage; the others were rejected by {by}, so the record is not summarized",
+            expected.saturating_sub(1)
         ))
     }
 
-    /// Computes every summary of one record, or says why it cannot.
+    /// Computes every summary of one record, or returns why it cannot.
     fn summarize(&self, data: &RecordBatch, rows: (usize, usize), out: &mut [Vec<Values>]) -> Result<(), String> {
         let (start, end) = rows;
         let mut results = Vec::with_capacity(self.summaries.len());
@@ -329,7 +333,7 @@ fn plan_summary(op: &AggregateOp, at: &str, context: &PlanContext) -> Result<(Su
     }
 }
 
-/// The float values of a Float32 column or float32 tensor column.
+/// Returns the float values of a Float32 column or float32 tensor column.
 fn float_values<'a>(data: &'a RecordBatch, column: &str) -> &'a [f32] {
     let array = data.column_by_name(column).expect("the planned column exists");
     match array.data_type() {

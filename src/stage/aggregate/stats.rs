@@ -60,8 +60,8 @@ pub fn uncertainty(samples: &[Vec<f64>]) -> Uncertainty {
     Uncertainty { predictive, expected, mutual_information: (predictive - expected).max(0.0) }
 }
 
-/// The most frequent class, the lower index on ties, and the fraction of
-/// votes it got.
+/// Returns the most frequent class, the lower index on ties, and the
+/// fraction of votes it got.
 pub fn majority_vote(classes: &[i32]) -> (i32, f64) {
     let mut sorted = classes.to_vec();
     sorted.sort_unstable();

@@ -31,7 +31,7 @@ impl Draw for Bernoulli {
     }
 }
 
-/// The success probability of one score, or why it has none.
+/// Returns the success probability of one score, or why it has none.
 pub fn probability(x: f32, from: SampleFrom) -> Result<f64, String> {
     if x.is_nan() {
         return Err(String::from("the scores contain NaN"));

@@ -2,10 +2,10 @@
 //! top-p, min-p) and the inverse CDF, one step per vector of class scores
 //! along the class axis.
 //!
-//! The pipeline is fixed: temperature, then top-k, then top-p, then min-p,
-//! then renormalization. Each filter sees the distribution renormalized over
-//! the classes the previous filters kept, which is what the usual language
-//! model samplers do when they mask logits to -inf between filters.
+//! The order is fixed: temperature, then top-k, then top-p, then min-p,
+//! then renormalization. Each filter works on the distribution renormalized
+//! over the classes the previous filters kept. Samplers that mask logits to
+//! -inf between filters behave the same way.
 
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::Draw;
 use crate::config::SampleFrom;
 
-/// Which classes survive truncation. `None` switches a filter off.
+/// Truncation settings. `None` switches a filter off.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Truncation {
     pub top_k: Option<usize>,
@@ -191,7 +191,7 @@ pub fn inverse_cdf(weights: &[f64], u: f64) -> usize {
 mod tests {
     use super::*;
 
-    /// The classes that keep a positive weight.
+    /// Returns the classes that keep a positive weight.
     fn kept(probabilities: &[f64], truncation: Truncation) -> Vec<usize> {
         let mut weights = probabilities.to_vec();
         truncate(&mut weights, &truncation);

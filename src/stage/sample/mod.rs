@@ -49,7 +49,7 @@ trait Draw: Send + Sync {
     /// Element type of the output column.
     type Value: OutputValue;
 
-    /// Reads one record's parameters, one slice per input column, or says
+    /// Reads one record's parameters, one slice per input column, or returns
     /// why they define no distribution.
     fn prepare(&self, inputs: &[&[f32]]) -> Result<Self::Params, String>;
 
@@ -59,7 +59,8 @@ trait Draw: Send + Sync {
 
 /// An element type the stage can write.
 trait OutputValue: Sized {
-    /// The output field for a per-row shape; empty means one scalar per row.
+    /// Builds the output field for a per-row shape. An empty shape means one
+    /// scalar per row.
     fn field(name: &str, shape: &[usize]) -> Field;
     fn column(shape: &[usize], values: Vec<Self>) -> Result<ArrayRef, arrow::error::ArrowError>;
 }
@@ -295,7 +296,7 @@ impl Sample {
     }
 }
 
-/// The `sample` field of a fan-out, with the sample count in its metadata.
+/// Builds the `sample` field of a fan-out, with the sample count in its metadata.
 fn sample_field(samples: u32) -> Field {
     Field::new(SAMPLE_COLUMN, DataType::Int32, false)
         .with_metadata(HashMap::from([(String::from(SAMPLES_METADATA), samples.to_string())]))
@@ -326,6 +327,7 @@ fn plan_categorical(
         ));
         rank.max(1) as usize - 1
     };
+
     let classes = tensor.shape.get(axis).copied().unwrap_or(1);
     if let Some(k) = config.top_k
         && k > classes
@@ -338,6 +340,7 @@ fn plan_categorical(
             ),
         ));
     }
+
     let outer = tensor.shape[..axis].iter().product();
     let inner = tensor.shape.get(axis + 1..).map_or(1, |rest| rest.iter().product());
     let mut output_shape = tensor.shape.clone();
