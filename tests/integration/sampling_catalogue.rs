@@ -1,8 +1,8 @@
 //! Truncated categorical, sequence, Bernoulli, Gaussian and stochastic
 //! rounding draws, and the `aggregate` stage, through the real binary.
 //!
-//! Statistical checks use fixed seeds and tests at p = 0.001, so each fails
-//! by chance about once in a thousand seeds, and never for the seeds here.
+//! Statistical checks use fixed seeds and tests at p = 0.001: a correct
+//! sampler fails one of them for about one seed in a thousand.
 
 use std::fs::File;
 use std::path::Path;
@@ -182,6 +182,23 @@ fn bernoulli_logits_use_sigmoid() {
     let (n, p) = (records as f64, 1.0 / (1.0 + (-2.0_f64).exp()));
     let statistic = (ones - n * p).powi(2) / (n * p * (1.0 - p));
     assert!(statistic < CHI_SQUARE_0_001[1], "chi-square {statistic}: {ones} ones of {n}, p = {p}");
+}
+
+#[test]
+fn invalid_probability_rejects_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("badp.npy");
+    write_npy_f32(&input, &[3, 2], &[0.5, 0.5, 0.5, 1.5, 0.0, 1.0]);
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}}}\nstages:\n  - {{kind: sample, distribution: bernoulli, column: tensor, from: probabilities, samples: 2}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input)
+    );
+    let (outcome, output) = run_yaml(dir.path(), "badp", &yaml);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("probability 1.5 is outside [0, 1]"), "{}", outcome.stderr);
+    let (_, batches) = read_arrow(&output);
+    assert_eq!(int64(&batches, "ordinal"), [0, 0, 2, 2]);
+    assert_eq!(tensor_i32(&batches, "draw")[4..], [0, 1, 0, 1]);
 }
 
 /// Writes `rows` copies of a two-column record (mean, spread) as an Arrow
@@ -432,7 +449,8 @@ fn sampling_example_pipeline_runs() {
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     let (schema, batches) = read_arrow(&output);
     assert_eq!(rows(&batches), 450);
-    assert!(schema.field_with_name("class_vote").is_ok() && schema.field_with_name("predictive_entropy").is_ok());
+    assert!(schema.field_with_name("class_vote").is_ok());
+    assert!(schema.field_with_name("predictive_entropy").is_ok());
     // Most noisy digits are still classified right by the vote.
     let correct =
         int32(&batches, "class_vote").iter().zip(int64(&batches, "label")).filter(|(v, l)| **v as i64 == *l).count();

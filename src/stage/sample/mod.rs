@@ -151,7 +151,13 @@ impl Sample {
                 let (key, spread, column) = match (&config.log_variance, &config.std) {
                     (Some(column), _) => ("log_variance", Spread::LogVariance, column),
                     (None, Some(column)) => ("std", Spread::Std, column),
-                    (None, None) => unreachable!("the static checks require log_variance or std"),
+                    (None, None) => {
+                        // The static checks report this first; planning an
+                        // unchecked config still fails cleanly.
+                        return Err(vec![
+                            context.problem("log_variance", "a gaussian needs a `log_variance` or a `std` column"),
+                        ]);
+                    }
                 };
                 match context.tensor_column(key, column) {
                     Ok(spread_tensor) if spread_tensor == tensor => inputs.push((column.clone(), tensor.len())),
