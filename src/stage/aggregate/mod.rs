@@ -109,7 +109,7 @@ impl Aggregate {
                 problems.push(context.problem(
                     &format!("keep[{i}]"),
                     format!(
-                        "column {column:?} is the {} column; the key column is always kept and {SAMPLE_COLUMN:?} is always dropped",
+                        "column {column:?} is the {} column; remove it from `keep`, since the key column is always kept and {SAMPLE_COLUMN:?} is always dropped",
                         if column == SAMPLE_COLUMN { "sample-index" } else { "key" }
                     ),
                 ));
