@@ -143,12 +143,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 }
             }
             StageConfig::Sample(c) => {
-                if !(c.temperature >= 0.0 && c.temperature.is_finite()) {
-                    push(at("temperature"), format!("must be zero or positive, found {}", c.temperature));
-                }
-                if c.samples == 0 {
-                    push(at("samples"), "must be at least 1".into());
-                }
+                super::sampling::check_sample(c, &at).into_iter().for_each(|p| push(p.path, p.message))
+            }
+            StageConfig::Aggregate(c) => {
+                super::sampling::check_aggregate(c, &at).into_iter().for_each(|p| push(p.path, p.message))
             }
             StageConfig::Augment(c) => c.problems().into_iter().for_each(|(key, message)| push(at(&key), message)),
         }

@@ -13,29 +13,34 @@ mod locate;
 mod noise;
 mod parse;
 mod repeat;
+mod sampling;
 mod sink;
 mod source;
 mod stage;
 
 use serde::{Deserialize, Serialize};
 
+pub use augment::{AugmentConfig, AugmentOp, FillMode, FlipMode, Interpolation, PairedConfig, RangeConfig, Resample};
 pub use image_sink::ImageSinkConfig;
 pub use latent::{
     ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
     PriorConfig, PriorKind, STEP_COLUMN,
 };
-pub use augment::{AugmentConfig, AugmentOp, FillMode, FlipMode, Interpolation, PairedConfig, RangeConfig, Resample};
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
 pub use noise::{AddNoiseConfig, NoiseKind};
 pub use repeat::RepeatConfig;
+pub use sampling::{
+    AggregateConfig, AggregateOp, Distribution, EntropyAggregate, MomentAggregate, SampleConfig, SampleFrom,
+    VoteAggregate,
+};
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
 pub use source::{
     ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,
 };
 pub use stage::{
     ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,
-    ResizeFilter, SampleConfig, SampleFrom, StageConfig, TensorDtype,
+    ResizeFilter, StageConfig, TensorDtype,
 };
 
 /// A whole pipeline file.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::noise::AddNoiseConfig;
 pub use super::repeat::RepeatConfig;
+use super::sampling::{AggregateConfig, SampleConfig};
 
 /// One step between the source and the sink.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -24,6 +25,8 @@ pub enum StageConfig {
     Sample(SampleConfig),
     /// Randomly flip, rotate, zoom, shift, crop or recolor image tensors.
     Augment(super::AugmentConfig),
+    /// Summarize the samples of each record in one row.
+    Aggregate(AggregateConfig),
 }
 
 impl StageConfig {
@@ -35,6 +38,7 @@ impl StageConfig {
             StageConfig::Infer(_) => "infer",
             StageConfig::Sample(_) => "sample",
             StageConfig::Augment(_) => "augment",
+            StageConfig::Aggregate(_) => "aggregate",
         }
     }
 
@@ -47,6 +51,7 @@ impl StageConfig {
             StageConfig::Infer(c) => &c.name,
             StageConfig::Sample(c) => &c.name,
             StageConfig::Augment(c) => &c.name,
+            StageConfig::Aggregate(c) => &c.name,
         };
         configured.as_deref().unwrap_or(self.kind())
     }
@@ -215,45 +220,4 @@ pub enum ConstantType {
     Float32,
     Int64,
     Bool,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleConfig {
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Column of per-class scores, one vector per row.
-    pub column: String,
-    #[serde(default)]
-    pub from: SampleFrom,
-    /// Softmax temperature; 0 takes the most likely class.
-    #[serde(default = "default_temperature")]
-    pub temperature: f64,
-    /// Samples drawn per record; more than one adds a `sample` index column
-    /// and repeats the record's other columns.
-    #[serde(default = "default_samples")]
-    pub samples: u32,
-    /// Column the drawn class index goes to.
-    #[serde(default = "default_class_column")]
-    pub output: String,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SampleFrom {
-    #[default]
-    Logits,
-    Probabilities,
-}
-
-fn default_temperature() -> f64 {
-    1.0
-}
-
-fn default_samples() -> u32 {
-    1
-}
-
-fn default_class_column() -> String {
-    String::from("class")
 }

@@ -7,6 +7,7 @@
 //! batch's rows to its rejections, with the reason.
 
 mod add_noise;
+mod aggregate;
 mod augment;
 mod infer;
 mod preprocess;
@@ -24,6 +25,7 @@ use crate::config::{ConfigProblem, StageConfig};
 use crate::tensor::TensorType;
 
 pub use add_noise::AddNoise;
+pub use aggregate::Aggregate;
 pub use augment::Augment;
 
 /// The noise kinds of `add_noise`, for benchmarks and library users.
@@ -113,6 +115,7 @@ pub fn plan(config: &StageConfig, context: &PlanContext) -> Result<Planned, Vec<
         StageConfig::Sample(c) => Sample::plan(c, context),
         StageConfig::Repeat(c) => Repeat::plan(c, context),
         StageConfig::Augment(c) => Augment::plan(c, context),
+        StageConfig::Aggregate(c) => Aggregate::plan(c, context),
     }
 }
 

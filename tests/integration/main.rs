@@ -29,3 +29,5 @@ mod noise_statistics;
 mod pyarrow_reader;
 /// Categorical sampling frequencies and temperature limits.
 mod sampling;
+/// Truncated, sequence, Bernoulli, Gaussian and rounding draws; aggregates.
+mod sampling_catalogue;
