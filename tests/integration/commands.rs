@@ -33,7 +33,15 @@ fn inspect_rejects_non_model() {
 
 #[test]
 fn validate_accepts_shipped_pipelines() {
-    for pipeline in ["pipelines/digits.yaml", "pipelines/photos.yaml"] {
+    let pipelines = [
+        "pipelines/digits.yaml",
+        "pipelines/photos.yaml",
+        "pipelines/photos_tta.yaml",
+        "pipelines/sampling.yaml",
+        "pipelines/generator.yaml",
+        "pipelines/generator_interpolate.yaml",
+    ];
+    for pipeline in pipelines {
         let outcome = stochflow(&["validate", repo(pipeline).to_str().unwrap()]);
         assert_eq!(outcome.code, 0, "{pipeline}: {}", outcome.stderr);
         assert!(outcome.stdout.contains("is valid"), "{}", outcome.stdout);
@@ -79,4 +87,30 @@ fn seed_option_overrides_file() {
     assert_ne!(sha256(&first), sha256(&second));
     let (schema, _) = read_arrow(&second);
     assert_eq!(schema.metadata()["stochflow.seed"], "2");
+}
+
+#[test]
+fn tta_pipeline_summarizes_each_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("tta.arrow");
+    let outcome =
+        stochflow(&["run", repo("pipelines/photos_tta.yaml").to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let (schema, batches) = read_arrow(&output);
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "path",
+            "logits_mean",
+            "logits_std",
+            "class_vote",
+            "class_agreement",
+            "predictive_entropy",
+            "mutual_information"
+        ]
+    );
+    assert_eq!(strings(&batches, "path"), ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg"]);
+    let spread = tensor_f32(&batches, "logits_std");
+    assert!(spread.iter().all(|s| *s > 0.0), "augmented copies must give different logits");
 }
