@@ -18,9 +18,9 @@ pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
     let graph = model.graph.clone().unwrap_or_default();
     let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
 
-    println!("model: {}", model_path.display());
-    println!("  sha256: {sha256}");
-    println!("  IR version: {}", model.ir_version.unwrap_or_default());
+    super::out!("model: {}", model_path.display());
+    super::out!("  sha256: {sha256}");
+    super::out!("  IR version: {}", model.ir_version.unwrap_or_default());
     let opsets: Vec<String> = model
         .opset_import
         .iter()
@@ -32,22 +32,23 @@ pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
             )
         })
         .collect();
-    println!("  opsets: {}", opsets.join(", "));
+    super::out!("  opsets: {}", opsets.join(", "));
     if let Some(producer) = model.producer_name.as_deref().filter(|p| !p.is_empty()) {
-        println!("  producer: {producer} {}", model.producer_version.as_deref().unwrap_or_default());
+        let version = model.producer_version.as_deref().unwrap_or_default();
+        super::out!("  producer: {}", format!("{producer} {version}").trim_end());
     }
 
     let initializers: HashMap<&str, &proto::TensorProto> =
         graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
-    println!("inputs:");
+    super::out!("inputs:");
     for input in &graph.input {
         let name = input.name.as_deref().unwrap_or_default();
         let default = if initializers.contains_key(name) { "  (has a default: an initializer)" } else { "" };
-        println!("  {}{default}", describe_value(input));
+        super::out!("  {}{default}", describe_value(input));
     }
-    println!("outputs:");
+    super::out!("outputs:");
     for output in &graph.output {
-        println!("  {}", describe_value(output));
+        super::out!("  {}", describe_value(output));
     }
     print_dropout(&graph, &initializers);
     Ok(ExitCode::SUCCESS)
@@ -77,7 +78,7 @@ fn describe_value(value: &ValueInfoProto) -> String {
 
 fn print_dropout(graph: &GraphProto, initializers: &HashMap<&str, &proto::TensorProto>) {
     let dropouts: Vec<_> = graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Dropout")).collect();
-    println!("dropout nodes: {}", dropouts.len());
+    super::out!("dropout nodes: {}", dropouts.len());
     for node in dropouts {
         // Before opset 12 the ratio is an attribute; from 12 on, an optional input.
         let attribute = node.attribute.iter().find(|a| a.name.as_deref() == Some("ratio")).and_then(|a| a.f);
@@ -87,7 +88,7 @@ fn print_dropout(graph: &GraphProto, initializers: &HashMap<&str, &proto::Tensor
             (None, None, Some(name)) if !name.is_empty() => format!("ratio from input {name:?}"),
             _ => String::from("ratio 0.5 (default)"),
         };
-        println!(
+        super::out!(
             "  {}  {ratio}  {} -> {}",
             node.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("(unnamed)"),
             node.input.first().map(String::as_str).unwrap_or_default(),

@@ -1,8 +1,8 @@
 //! The command-line interface: `run`, `validate` and `inspect`.
 //!
 //! Exit codes: 0 success; 1 an error stopped the command; 2 the run finished
-//! but skipped records; 130 the run was interrupted and committed what it
-//! had finished.
+//! but skipped records; 130 (SIGINT) or 143 (SIGTERM) the run was stopped by
+//! a signal and committed what it had finished.
 
 mod inspect;
 mod logging;
@@ -76,7 +76,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Prints a line to standard output, ignoring a closed pipe (as in
+/// `stochflow inspect m.onnx | head -1`), where `println!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+pub(crate) use out;
+
 /// Exit code of a run that finished but skipped records.
 pub const EXIT_SKIPPED: u8 = 2;
-/// Exit code of a run stopped by a signal.
+/// Exit code of a run stopped by SIGINT (Ctrl-C).
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit code of a run stopped by SIGTERM.
+pub const EXIT_TERMINATED: u8 = 143;

@@ -18,12 +18,14 @@ pub fn spawn(counters: Arc<Counters>, total: Option<u64>) -> tokio::task::JoinHa
     if std::io::stderr().is_terminal() {
         let bar = match total {
             Some(total) => ProgressBar::new(total).with_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}  {msg}")
-                    .expect("the template is valid"),
+                ProgressStyle::with_template("{bar:40} {pos}/{len} records  {rate}  eta {eta}  {msg}")
+                    .expect("the template is valid")
+                    .with_key("rate", format_rate),
             ),
             None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {pos} records  {per_sec}  {msg}")
-                    .expect("the template is valid"),
+                ProgressStyle::with_template("{spinner} {pos} records  {rate}  {msg}")
+                    .expect("the template is valid")
+                    .with_key("rate", format_rate),
             ),
         };
         super::logging::set_bar(&bar);
@@ -63,4 +65,9 @@ impl Drop for ClearOnDrop {
         self.0.finish_and_clear();
         super::logging::clear_bar();
     }
+}
+
+/// Formats the rate as whole records per second.
+fn format_rate(state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write) {
+    let _ = write!(out, "{:.0} records/s", state.per_sec());
 }

@@ -3,18 +3,20 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::config::{self, SinkConfig};
+use crate::config::{PipelineConfig, SourceConfig, StageConfig};
 use crate::runtime::{self, Counters};
-use crate::sink::{ArrowFileSink, Sink};
+use crate::sink::{ArrowFileSink, Sink, resolve_output};
 
 pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> anyhow::Result<ExitCode> {
     let loaded = config::load(pipeline_file, seed, output)?;
     let mut pipeline = runtime::plan(&loaded)?;
     let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink;
+    let output_path = resolve_output(&sink_config.path, &input_files(&loaded.config))?;
     let arrow = ArrowFileSink::create(
-        &sink_config.path,
+        &output_path,
         pipeline.output_schema.clone(),
         pipeline.projection.clone(),
         sink_config.compression,
@@ -25,20 +27,22 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     tracing::info!(pipeline = %pipeline_file.display(), seed = loaded.config.seed, output = %sink_config.path.display(), "run started");
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let stop_code = Arc::new(AtomicU8::new(0));
     let summary = tokio.block_on(async {
         let counters = Arc::new(Counters::default());
         let progress = super::progress::spawn(counters.clone(), total);
         let signal_counters = counters.clone();
         let partial = sink.partial_path().to_path_buf();
+        let signal_code = stop_code.clone();
         let signals = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupt received; finishing the records already read, press Ctrl-C again to abort");
-                signal_counters.stop.store(true, Ordering::Relaxed);
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    // Exiting skips the sink's cleanup, so its partial file is removed here.
-                    let _ = std::fs::remove_file(&partial);
-                    std::process::exit(i32::from(super::EXIT_INTERRUPTED));
-                }
+            let Some(code) = next_stop_signal().await else { return };
+            tracing::warn!("stop signal received; finishing the records already read, send it again to abort");
+            signal_code.store(code, Ordering::Relaxed);
+            signal_counters.stop.store(true, Ordering::Relaxed);
+            if next_stop_signal().await.is_some() {
+                // Exiting skips the sink's cleanup, so its partial file is removed here.
+                let _ = std::fs::remove_file(&partial);
+                std::process::exit(i32::from(code));
             }
         });
         let result = runtime::execute(pipeline, sink, counters).await;
@@ -48,7 +52,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         result
     })?;
 
-    println!(
+    super::out!(
         "read {} records, wrote {} records ({} rows), skipped {} records in {:.3} s; output: {}",
         summary.read,
         summary.written,
@@ -58,12 +62,42 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         sink_config.path.display()
     );
     if summary.interrupted {
-        eprintln!("interrupted: the output contains the records read before the interrupt");
-        return Ok(ExitCode::from(super::EXIT_INTERRUPTED));
+        eprintln!("interrupted: the output contains the records read before the stop signal");
+        return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));
     }
     if summary.rejected > 0 {
         eprintln!("{} records were skipped; the log above names each one and why (exit code 2)", summary.rejected);
         return Ok(ExitCode::from(super::EXIT_SKIPPED));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files the pipeline reads, which the output must not replace.
+fn input_files(config: &PipelineConfig) -> Vec<&Path> {
+    let mut files: Vec<&Path> = Vec::new();
+    match &config.source {
+        SourceConfig::ArrowFile(c) => files.push(&c.path),
+        SourceConfig::Npy(c) => files.push(&c.path),
+        SourceConfig::Images(c) => files.push(&c.path),
+        SourceConfig::Latent(_) => {}
+    }
+    for stage in &config.stages {
+        if let StageConfig::Infer(c) = stage {
+            files.push(&c.model);
+        }
+    }
+    files
+}
+
+/// Waits for SIGINT or SIGTERM and returns the exit code that reports it:
+/// 130 or 143, the shell's 128 + signal number. `None` if signals cannot be
+/// watched.
+async fn next_stop_signal() -> Option<u8> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).ok()?;
+    let mut terminate = signal(SignalKind::terminate()).ok()?;
+    tokio::select! {
+        _ = interrupt.recv() => Some(super::EXIT_INTERRUPTED),
+        _ = terminate.recv() => Some(super::EXIT_TERMINATED),
+    }
 }

@@ -12,10 +12,10 @@ pub fn validate(pipeline_file: &Path) -> anyhow::Result<ExitCode> {
     let stages: Vec<&str> = pipeline.stages.iter().map(|s| s.name()).collect();
     let columns: Vec<String> =
         pipeline.output_schema.fields().iter().map(|f| format!("{} ({})", f.name(), describe(f))).collect();
-    println!("{} is valid", pipeline_file.display());
-    println!("  source: {} (key column {:?})", loaded.config.source.kind(), pipeline.key_column);
-    println!("  stages: {}", if stages.is_empty() { String::from("none") } else { stages.join(" -> ") });
-    println!("  output columns: {}", columns.join(", "));
+    super::out!("{} is valid", pipeline_file.display());
+    super::out!("  source: {} (key column {:?})", loaded.config.source.kind(), pipeline.key_column);
+    super::out!("  stages: {}", if stages.is_empty() { String::from("none") } else { stages.join(" -> ") });
+    super::out!("  output columns: {}", columns.join(", "));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -35,6 +35,8 @@ pub enum LibraryError {
     NotFound { python: String, cache: PathBuf, fetch: String, pip: String },
     #[error("cannot load the ONNX Runtime library {}: {message}; set ORT_DYLIB_PATH to a working libonnxruntime.so {ORT_VERSION}", path.display())]
     Load { path: PathBuf, message: String },
+    #[error("the cached ONNX Runtime library {} is damaged ({message}); delete the folder {} to download it again", path.display(), path.parent().unwrap_or(path).display())]
+    Damaged { path: PathBuf, message: String },
     /// A failure of an earlier attempt in this process, kept as its message.
     #[error("{0}")]
     Earlier(String),
@@ -74,6 +76,7 @@ pub fn find() -> Result<PathBuf, LibraryError> {
     let cache = cache_dir().join(format!("onnxruntime-{ORT_VERSION}"));
     let cached = cache.join(format!("libonnxruntime.so.{ORT_VERSION}"));
     if cached.exists() {
+        check_cache(&cache)?;
         return Ok(cached);
     }
     match download_into(&python, &cache) {
@@ -81,6 +84,25 @@ pub fn find() -> Result<PathBuf, LibraryError> {
         Ok(()) => Err(not_found(&python, python_outcome, &cache, "the wheel did not contain the library".into())),
         Err(reason) => Err(not_found(&python, python_outcome, &cache, reason)),
     }
+}
+
+/// Compares the cached files with the sizes the extraction recorded in
+/// `MANIFEST`, so that a damaged library is reported instead of crashing
+/// the process when it is mapped.
+fn check_cache(cache: &Path) -> Result<(), LibraryError> {
+    let Ok(manifest) = std::fs::read_to_string(cache.join("MANIFEST")) else {
+        return Ok(());
+    };
+    for line in manifest.lines() {
+        let Some((name, size)) = line.rsplit_once(' ') else { continue };
+        let path = cache.join(name);
+        let expected: u64 = size.parse().unwrap_or_default();
+        let actual = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if actual != expected {
+            return Err(LibraryError::Damaged { path, message: format!("{actual} bytes, expected {expected}") });
+        }
+    }
+    Ok(())
 }
 
 fn not_found(python: &str, python_outcome: String, cache: &Path, fetch: String) -> LibraryError {
@@ -175,11 +197,16 @@ fn extract_libraries(python: &str, staging: &Path) -> Result<(), String> {
         wheel = glob.glob(os.path.join(staging, 'onnxruntime-*.whl'))[0]\n\
         out = os.path.join(staging, 'lib')\n\
         os.makedirs(out)\n\
+        sizes = []\n\
         with zipfile.ZipFile(wheel) as z:\n\
         \x20   for name in z.namelist():\n\
         \x20       if name.startswith('onnxruntime/capi/lib') and '.so' in name:\n\
+        \x20           data = z.read(name)\n\
         \x20           with open(os.path.join(out, os.path.basename(name)), 'wb') as f:\n\
-        \x20               f.write(z.read(name))\n";
+        \x20               f.write(data)\n\
+        \x20           sizes.append(f'{os.path.basename(name)} {len(data)}')\n\
+        with open(os.path.join(out, 'MANIFEST'), 'w') as f:\n\
+        \x20   f.write('\\n'.join(sizes) + '\\n')\n";
     let output = Command::new(python)
         .args(["-c", EXTRACT])
         .arg(staging)

@@ -35,6 +35,42 @@ pub enum SinkError {
     Arrow { path: PathBuf, message: String },
     #[error("cannot write image {}: {message}", path.display())]
     Image { path: PathBuf, message: String },
+    #[error("output path {}: {message}", path.display())]
+    Target { path: PathBuf, message: String },
+}
+
+/// Resolves the output path and rejects one that the commit's rename would
+/// destroy: a device, FIFO or folder, or one of the pipeline's own input
+/// files. A symbolic link is followed, so the file it points to is written.
+pub fn resolve_output(path: &Path, inputs: &[&Path]) -> Result<PathBuf, SinkError> {
+    let reject = |message: &str| SinkError::Target { path: path.to_path_buf(), message: message.to_string() };
+    let mut target = path.to_path_buf();
+    for _ in 0..32 {
+        match std::fs::symlink_metadata(&target) {
+            Ok(metadata) if metadata.file_type().is_symlink() => {
+                let link =
+                    std::fs::read_link(&target).map_err(|source| SinkError::Io { path: target.clone(), source })?;
+                target = match target.parent() {
+                    Some(parent) if link.is_relative() => parent.join(link),
+                    _ => link,
+                };
+            }
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(reject("exists and is not a regular file (a folder, device or FIFO); choose a file path"));
+            }
+            _ => break,
+        }
+    }
+    if let Ok(resolved) = std::fs::canonicalize(&target) {
+        for input in inputs {
+            if std::fs::canonicalize(input).is_ok_and(|input| input == resolved) {
+                return Err(reject(
+                    "is an input of the pipeline, which the run would overwrite; choose another output path",
+                ));
+            }
+        }
+    }
+    Ok(target)
 }
 
 pub struct ArrowFileSink {

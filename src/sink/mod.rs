@@ -4,6 +4,6 @@ mod arrow_file;
 mod images;
 mod output;
 
-pub use arrow_file::{ArrowFileSink, SinkError};
+pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
 pub use images::ImageSink;
 pub use output::Sink;

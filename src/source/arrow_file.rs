@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::BufReader;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int64Array, RecordBatch};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
-use arrow::ipc::reader::FileReader;
+use arrow::ipc::reader::{FileReader, StreamReader};
+use arrow::record_batch::RecordBatchReader;
 
 use super::{ORDINAL_COLUMN, Source, SourceError};
 use crate::batch::{Batch, Keys, Rejected};
@@ -21,7 +21,7 @@ use crate::config::ArrowFileSourceConfig;
 use crate::tensor::{self, ElementType, TensorType};
 
 pub struct ArrowFileSource {
-    reader: FileReader<BufReader<File>>,
+    reader: Box<dyn RecordBatchReader + Send>,
     /// Indices of the file's columns that are read, in output order.
     projection: Vec<usize>,
     tensors: BTreeMap<String, TensorType>,
@@ -40,12 +40,7 @@ impl ArrowFileSource {
         if !path.exists() {
             return Err(SourceError::NotFound(path.clone()));
         }
-        let file = File::open(path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
-        let reader = FileReader::try_new_buffered(file, None).map_err(|err| SourceError::Format {
-            path: path.clone(),
-            format: "Arrow IPC",
-            message: err.to_string(),
-        })?;
+        let reader = open_reader(path)?;
         let file_schema = reader.schema();
         let unknown = |key: String, name: &str| SourceError::Config {
             path: key,
@@ -202,6 +197,29 @@ impl ArrowFileSource {
         let keep = BooleanArray::from(problems.iter().map(Option::is_none).collect::<Vec<_>>());
         let data = filter_record_batch(&data, &keep).expect("the mask has one entry per row");
         Ok(Batch::new(data, rejected))
+    }
+}
+
+/// Opens an Arrow IPC file in either format: the file format (random
+/// access, starts with `ARROW1`) or the stream format.
+fn open_reader(path: &std::path::Path) -> Result<Box<dyn RecordBatchReader + Send>, SourceError> {
+    let io_error = |source| SourceError::Io { path: path.to_path_buf(), source };
+    let format_error = |err: arrow::error::ArrowError| SourceError::Format {
+        path: path.to_path_buf(),
+        format: "Arrow IPC",
+        message: err.to_string(),
+    };
+    let mut magic = [0u8; 6];
+    let is_file_format = {
+        use std::io::Read;
+        let mut file = File::open(path).map_err(io_error)?;
+        file.read(&mut magic).map_err(io_error)? == 6 && &magic == b"ARROW1"
+    };
+    let file = File::open(path).map_err(io_error)?;
+    if is_file_format {
+        Ok(Box::new(FileReader::try_new_buffered(file, None).map_err(format_error)?))
+    } else {
+        Ok(Box::new(StreamReader::try_new_buffered(file, None).map_err(format_error)?))
     }
 }
 

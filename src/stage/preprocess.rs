@@ -178,14 +178,33 @@ impl Preprocess {
 /// Decodes an image and applies its EXIF orientation.
 pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|err| err.to_string())?;
-    if reader.format().is_none() {
-        return Err(String::from("not a PNG or JPEG file"));
+    match reader.format() {
+        None => return Err(String::from("not a PNG or JPEG file")),
+        Some(image::ImageFormat::Jpeg) if !jpeg_has_end(bytes) => {
+            return Err(String::from("the JPEG file is truncated: no end-of-image marker after its last scan"));
+        }
+        Some(_) => {}
     }
     let mut decoder = reader.into_decoder().map_err(|err| format!("cannot decode image: {err}"))?;
     let orientation = decoder.orientation().map_err(|err| format!("cannot read EXIF orientation: {err}"))?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|err| format!("cannot decode image: {err}"))?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// Checks that a JPEG's last scan is followed by an end-of-image marker.
+///
+/// The JPEG decoder fills a truncated scan with gray instead of failing, so
+/// truncation is checked here. Entropy-coded data never contains a marker
+/// (a 0xFF data byte is followed by 0x00 or a restart marker), so the last
+/// start-of-scan marker (FF DA) belongs to the main image, not to an EXIF
+/// thumbnail, and a complete file has an FF D9 after it.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let Some(last_scan) = last_scan else {
+        return false;
+    };
+    bytes[last_scan..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 impl Stage for Preprocess {

@@ -314,3 +314,41 @@ fn onnx_runtime_not_found_anywhere_names_places_and_fixes() {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
 }
+
+#[test]
+fn truncated_jpeg_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("jpegs");
+    std::fs::create_dir(&photos).unwrap();
+    let jpeg = std::fs::read(repo("fixtures/photos/rocket.jpg")).unwrap();
+    std::fs::write(photos.join("full.jpg"), &jpeg).unwrap();
+    std::fs::write(photos.join("half.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: images, path: {}}}\nstages:\n  - {{kind: preprocess, resize: {{width: 32, height: 32}}}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&photos)
+    );
+    let (outcome, output) = run_yaml(dir.path(), "jpegs", &yaml);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("the JPEG file is truncated"), "{}", outcome.stderr);
+    let (_, batches) = read_arrow(&output);
+    assert_eq!(strings(&batches, "path"), ["full.jpg"]);
+}
+
+#[test]
+fn arrow_stream_format_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (schema, batches) = read_arrow(&repo("fixtures/data/digits_test.arrow"));
+    let stream = dir.path().join("digits.arrows");
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(File::create(&stream).unwrap(), &schema).unwrap();
+    for batch in &batches {
+        writer.write(batch).unwrap();
+    }
+    writer.finish().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: arrow_file, path: {}, id_column: id}}\nstages: []\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&stream)
+    );
+    let output = run_ok(dir.path(), "stream", &yaml);
+    let (_, written) = read_arrow(&output);
+    assert_eq!(rows(&written), 450);
+}

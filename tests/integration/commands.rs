@@ -114,3 +114,86 @@ fn tta_pipeline_summarizes_each_photo() {
     let spread = tensor_f32(&batches, "logits_std");
     assert!(spread.iter().all(|s| *s > 0.0), "augmented copies must give different logits");
 }
+
+#[test]
+fn sigterm_commits_records_read_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    let records = 20_000;
+    write_npy_f32(&input, &[records, 64], &vec![0.5; records * 64]);
+    let output = dir.path().join("stopped.arrow");
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}, column: pixels, batch_size: 64}}\nstages:\n  - {{kind: repeat, samples: 100}}\n  - {{kind: add_noise, column: pixels, std: 0.1}}\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: {}, columns: [ordinal, sample]}}\n",
+        yaml_path(&input),
+        yaml_path(&repo("fixtures/models/mlp_digits.onnx")),
+        yaml_path(&output)
+    );
+    let pipeline = write_pipeline(dir.path(), "long.yaml", &yaml);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
+        .args(["run", pipeline.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Wait until rows are being written, then stop the run.
+    let partial = dir.path().join("stopped.arrow.partial");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 100_000 {
+        assert!(started.elapsed().as_secs() < 60, "the run did not start writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(143), "{stderr}");
+    assert!(!partial.exists(), "the partial file must be committed or removed");
+
+    let (_, batches) = read_arrow(&output);
+    let written = rows(&batches);
+    assert!(written > 0 && written < records * 100, "{written} rows");
+    assert_eq!(written % 100, 0, "every record read is finished with all its samples");
+}
+
+#[test]
+fn output_over_input_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[2, 2], &[0.0; 4]);
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: out.arrow}}\n",
+        yaml_path(&input)
+    );
+    let pipeline = write_pipeline(dir.path(), "self.yaml", &yaml);
+    let outcome = stochflow(&["run", pipeline.to_str().unwrap(), "--output", input.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("is an input of the pipeline"), "{}", outcome.stderr);
+    assert_eq!(std::fs::metadata(&input).unwrap().len(), 128 + 16, "the input must be untouched");
+
+    let folder = dir.path().join("a_folder");
+    std::fs::create_dir(&folder).unwrap();
+    let outcome = stochflow(&["run", pipeline.to_str().unwrap(), "--output", folder.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("is not a regular file"), "{}", outcome.stderr);
+}
+
+#[test]
+fn output_symlink_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[2, 2], &[0.0; 4]);
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}}}\nstages: []\nsink: {{kind: arrow_file, path: out.arrow}}\n",
+        yaml_path(&input)
+    );
+    let pipeline = write_pipeline(dir.path(), "link.yaml", &yaml);
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    let link = dir.path().join("link.arrow");
+    std::os::unix::fs::symlink("real/target.arrow", &link).unwrap();
+    let outcome = stochflow(&["run", pipeline.to_str().unwrap(), "--output", link.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link must stay a link");
+    let (_, batches) = read_arrow(&dir.path().join("real/target.arrow"));
+    assert_eq!(rows(&batches), 2);
+}
