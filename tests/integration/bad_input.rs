@@ -44,7 +44,7 @@ fn corrupt_images_are_skipped_with_exit_code_2() {
 #[test]
 fn wrong_length_and_null_rows_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("ragged.arrow");
+    let input = dir.path().join("ragged_input.arrow");
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("pixels", DataType::List(Arc::new(Field::new("item", DataType::Float32, true))), true),

@@ -251,7 +251,7 @@ fn keyed_pipeline(input: &Path, folder: &Path) -> String {
 fn file_names_follow_keys_and_samples() {
     let dir = tempfile::tempdir().unwrap();
     // Keys that are file paths; the sample stage makes two rows of each record.
-    let input = dir.path().join("keyed.arrow");
+    let input = dir.path().join("keyed_input.arrow");
     write_keyed_input(&input, ["cats/a.png", "b"]);
     let folder = dir.path().join("pngs");
     let output = run_ok(dir.path(), "keyed", &keyed_pipeline(&input, &folder));

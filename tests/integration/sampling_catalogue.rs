@@ -227,7 +227,7 @@ fn gaussian_moments_and_ks() {
     let rows = 10_000;
     let (mean, std) = ([1.5_f32, -2.0], [1.0_f64, 2.0]);
     for (name, spread, key) in [("logvar", [0.0, 4.0f32.ln()], "log_variance"), ("std", [1.0, 2.0], "std")] {
-        let input = dir.path().join(format!("{name}.arrow"));
+        let input = dir.path().join(format!("{name}_input.arrow"));
         write_gaussian_input(&input, rows, mean, spread);
         let yaml = format!(
             "seed: 5\nsource: {{kind: arrow_file, path: {}, id_column: id}}\nstages:\n  - {{kind: sample, distribution: gaussian, column: mu, {key}: spread, samples: 2}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
@@ -354,7 +354,7 @@ fn aggregates_match_hand_computed() {
 #[test]
 fn incomplete_record_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("gap.arrow");
+    let input = dir.path().join("gap_input.arrow");
     // Record 1 lacks sample 1; record 2 is whole.
     write_samples(&input, &[1, 1, 2, 2], &[0, 2, 0, 1], &[[0.5, 0.5]; 4], &[0, 0, 1, 1]);
     let yaml = format!(
