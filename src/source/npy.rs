@@ -194,6 +194,17 @@ fn dict_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.trim_start())
 }
 
+impl NpySource {
+    /// Wraps the next `count` rows' tensor column into a batch with ordinals.
+    fn batch(&mut self, count: usize, values: ArrayRef) -> Batch {
+        let ordinals = Int64Array::from_iter_values(self.next as i64..(self.next + count) as i64);
+        self.next += count;
+        let data = RecordBatch::try_new(self.schema.clone(), vec![Arc::new(ordinals), values])
+            .expect("columns match the source schema");
+        Batch::new(data, Vec::new())
+    }
+}
+
 impl Source for NpySource {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
@@ -212,9 +223,18 @@ impl Source for NpySource {
             return Ok(None);
         }
         let count = self.batch_size.min(self.rows - self.next);
-        let mut bytes = vec![0u8; count * self.tensor.len() * self.dtype.size()];
-        self.reader.read_exact(&mut bytes).map_err(|source| SourceError::Io { path: self.path.clone(), source })?;
+        let io_error = |source| SourceError::Io { path: self.path.clone(), source };
 
+        // Little-endian float32 is read straight into the column's buffer.
+        if self.dtype == Dtype::F32 && cfg!(target_endian = "little") {
+            let mut floats = vec![0f32; count * self.tensor.len()];
+            self.reader.read_exact(bytemuck::cast_slice_mut(&mut floats)).map_err(io_error)?;
+            let values = tensor::build_f32(&self.tensor, floats).expect("the buffer holds whole rows");
+            return Ok(Some(self.batch(count, values)));
+        }
+
+        let mut bytes = vec![0u8; count * self.tensor.len() * self.dtype.size()];
+        self.reader.read_exact(&mut bytes).map_err(io_error)?;
         let values: ArrayRef = match self.tensor.element {
             ElementType::UInt8 => tensor::build_u8(&self.tensor, bytes),
             ElementType::UInt16 => tensor::build_u16(
@@ -228,11 +248,7 @@ impl Source for NpySource {
             }
         }
         .expect("the buffer holds whole rows");
-        let ordinals = Int64Array::from_iter_values(self.next as i64..(self.next + count) as i64);
-        self.next += count;
-        let data = RecordBatch::try_new(self.schema.clone(), vec![Arc::new(ordinals), values])
-            .expect("columns match the source schema");
-        Ok(Some(Batch::new(data, Vec::new())))
+        Ok(Some(self.batch(count, values)))
     }
 }
 
