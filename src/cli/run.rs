@@ -53,11 +53,11 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     })?;
 
     super::out!(
-        "read {} records, wrote {} records ({} rows), skipped {} records in {:.3} s; output: {}",
-        summary.read,
-        summary.written,
-        summary.rows,
-        summary.rejected,
+        "read {}, wrote {} ({}), skipped {} in {:.3} s; output: {}",
+        count(summary.read, "record"),
+        count(summary.written, "record"),
+        count(summary.rows, "row"),
+        count(summary.rejected, "record"),
         summary.seconds,
         sink_config.path.display()
     );
@@ -66,7 +66,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));
     }
     if summary.rejected > 0 {
-        eprintln!("{} records were skipped; the log above names each one and why (exit code 2)", summary.rejected);
+        eprintln!("{} skipped; the log above names each one and why (exit code 2)", count(summary.rejected, "record"));
         return Ok(ExitCode::from(super::EXIT_SKIPPED));
     }
     Ok(ExitCode::SUCCESS)
@@ -100,4 +100,9 @@ async fn next_stop_signal() -> Option<u8> {
         _ = interrupt.recv() => Some(super::EXIT_INTERRUPTED),
         _ = terminate.recv() => Some(super::EXIT_TERMINATED),
     }
+}
+
+/// Formats a count with its noun, singular or plural.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }

@@ -73,7 +73,7 @@ const REJECTION_LOG_EVERY: u64 = 1000;
 /// set, and commits the output file.
 pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) -> Result<Summary, RunError> {
     let started = Instant::now();
-    let Pipeline { mut source, stages, stage_inputs, channel_capacity, .. } = pipeline;
+    let Pipeline { mut source, stages, stage_inputs, channel_capacity, key_column, .. } = pipeline;
     let mut tasks = tokio::task::JoinSet::new();
 
     let (source_tx, mut rx) = mpsc::channel::<Batch>(channel_capacity);
@@ -108,19 +108,24 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     let sink_task = tokio::task::spawn_blocking(move || -> Result<Sink, RunError> {
         let _span = tracing::info_span!("sink").entered();
         let mut sink = sink;
+        let mut records = RecordCounter::default();
+        let mut logged = 0u64;
         while let Some(batch) = rx.blocking_recv() {
             for rejected in &batch.rejected {
-                let count = sink_counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                if count <= REJECTION_LOG_LIMIT || count.is_multiple_of(REJECTION_LOG_EVERY) {
-                    tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = count, "record skipped");
+                logged += 1;
+                if logged <= REJECTION_LOG_LIMIT || logged.is_multiple_of(REJECTION_LOG_EVERY) {
+                    tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = logged, "record skipped");
                 }
-                if count == REJECTION_LOG_LIMIT {
+                if logged == REJECTION_LOG_LIMIT {
                     tracing::warn!("further skipped records are logged once every {REJECTION_LOG_EVERY}");
+                }
+                if records.rejected_keys.insert(rejected.key.clone()) {
+                    sink_counters.rejected.fetch_add(1, Ordering::Relaxed);
                 }
             }
             sink.write(&batch.data)?;
             sink_counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
-            sink_counters.written.fetch_add(first_samples(&batch) as u64, Ordering::Relaxed);
+            sink_counters.written.fetch_add(records.count(&batch, &key_column), Ordering::Relaxed);
         }
         Ok(sink)
     });
@@ -180,14 +185,33 @@ async fn run_stage(
     Ok(())
 }
 
-/// Counts the records in a batch: rows with sample index 0 after a fan-out,
-/// every row otherwise.
-fn first_samples(batch: &Batch) -> usize {
-    match batch.data.column_by_name(SAMPLE_COLUMN) {
-        Some(column) => {
-            use arrow::array::AsArray;
-            column.as_primitive::<arrow::datatypes::Int32Type>().values().iter().filter(|&&s| s == 0).count()
+/// Counts records at the sink. After a fan-out, a record's rows are
+/// contiguous, so a record starts wherever the key changes. A record that
+/// lost some samples to rejections still counts as written, and as skipped.
+#[derive(Default)]
+struct RecordCounter {
+    last_key: Option<String>,
+    /// Keys of rejected records, so that a record rejected in several of its
+    /// samples counts once. Its size grows with the number of skipped records.
+    rejected_keys: std::collections::HashSet<String>,
+}
+
+impl RecordCounter {
+    fn count(&mut self, batch: &Batch, key_column: &str) -> u64 {
+        if batch.data.column_by_name(SAMPLE_COLUMN).is_none() {
+            return batch.data.num_rows() as u64;
         }
-        None => batch.data.num_rows(),
+        let Some(keys) = crate::batch::Keys::new(&batch.data, key_column) else {
+            return batch.data.num_rows() as u64;
+        };
+        let mut records = 0;
+        for row in 0..batch.data.num_rows() {
+            let key = keys.get(row);
+            if self.last_key.as_deref() != Some(key.as_str()) {
+                records += 1;
+                self.last_key = Some(key);
+            }
+        }
+        records
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Int32Array, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Schema, SchemaRef};
 
 use super::{PlanContext, Planned, Stage, StageError};
 use crate::batch::{Batch, SAMPLE_COLUMN};
@@ -28,7 +28,7 @@ impl Repeat {
             )]);
         }
         let mut fields: Vec<arrow::datatypes::FieldRef> = context.input.fields().iter().cloned().collect();
-        fields.push(Arc::new(Field::new(SAMPLE_COLUMN, DataType::Int32, false)));
+        fields.push(Arc::new(super::sample::sample_field(config.samples)));
         let schema = Arc::new(Schema::new_with_metadata(fields, context.input.metadata().clone()));
         let stage = Self {
             name: config.name.clone().unwrap_or_else(|| String::from("repeat")),

@@ -456,3 +456,28 @@ fn sampling_example_pipeline_runs() {
         int32(&batches, "class_vote").iter().zip(int64(&batches, "label")).filter(|(v, l)| **v as i64 == *l).count();
     assert!(correct > 400, "{correct} of 450 votes match the label");
 }
+
+#[test]
+fn aggregate_after_repeat_rejects_partial_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("small.npy");
+    write_npy_f32(&input, &[6, 3], &[0.3; 18]);
+    // Poisson noise rejects samples that Gaussian noise pushed below zero,
+    // so some records lose samples before the aggregate.
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}, column: x}}\nstages:\n  - {{kind: repeat, samples: 4}}\n  - {{name: n, kind: add_noise, column: x, std: 0.3}}\n  - {{name: p, kind: add_noise, column: x, noise: poisson, scale: 10}}\n  - {{kind: aggregate, aggregates: [{{op: mean, column: x}}]}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input)
+    );
+    let (outcome, output) = run_yaml(dir.path(), "partial", &yaml);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    let (_, batches) = read_arrow(&output);
+    let means = tensor_f32(&batches, "x_mean");
+    assert!(!means.is_empty(), "some records keep all their samples");
+    assert!(int64(&batches, "ordinal").len() < 6, "some records lose samples");
+    // Every written mean is over all 4 samples: a multiple of 1 / (4 * scale) = 0.025.
+    for mean in &means {
+        let steps = mean / 0.025;
+        assert!((steps - steps.round()).abs() < 1e-3, "mean {mean} is not over 4 samples");
+    }
+    assert!(outcome.stderr.contains("reached this stage"), "{}", outcome.stderr);
+}

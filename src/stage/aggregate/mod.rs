@@ -94,7 +94,7 @@ impl Aggregate {
                 return Err(vec![context.problem(
                     "kind",
                     format!(
-                        "aggregate needs the {SAMPLE_COLUMN:?} column of a fan-out; put a `sample` stage with `samples` above 1 before it"
+                        "aggregate needs the {SAMPLE_COLUMN:?} column of a fan-out; put a `repeat` stage, or a `sample` stage with `samples` above 1, before it"
                     ),
                 )]);
             }

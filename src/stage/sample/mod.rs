@@ -303,7 +303,7 @@ impl Sample {
 }
 
 /// Builds the `sample` field of a fan-out, with the sample count in its metadata.
-fn sample_field(samples: u32) -> Field {
+pub(crate) fn sample_field(samples: u32) -> Field {
     Field::new(SAMPLE_COLUMN, DataType::Int32, false)
         .with_metadata(HashMap::from([(String::from(SAMPLES_METADATA), samples.to_string())]))
 }
