@@ -68,13 +68,11 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
             }
             // An unknown key is reported at the mapping that has it; point
             // at the key itself.
-            if let Some(key) = unknown_field(&message) {
-                if !path.ends_with(&format!(".{key}")) {
-                    path = format!("{path}.{key}");
-                }
-            } else if path == prefix
-                && !message.starts_with("missing field")
-                && let Some(key) = culprit::<T>(&value, &message)
+            if path == prefix {
+                path.push_str(&culprit::<T>(&value, &message));
+            }
+            if let Some(key) = unknown_field(&message)
+                && !path.ends_with(&format!(".{key}"))
             {
                 path = format!("{path}.{key}");
             }
@@ -84,22 +82,93 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
     }
 }
 
-/// Finds the key of a mapping that causes `message`, for errors that serde
-/// reports without a path (values inside a `kind`-tagged section): the
-/// first key whose removal changes the error.
-fn culprit<T: DeserializeOwned>(value: &Value, message: &str) -> Option<String> {
-    let mapping = value.as_mapping()?;
-    for key in mapping.keys() {
-        let Some(name) = key.as_str().filter(|name| *name != "kind") else { continue };
-        let mut without = mapping.clone();
-        without.remove(key);
-        match serde_yaml_ng::from_value::<T>(Value::Mapping(without)) {
-            Ok(_) => return Some(name.to_string()),
-            Err(err) if plain_types(&err.to_string()) != message => return Some(name.to_string()),
-            Err(_) => {}
+/// Finds where in a section an error lies, for errors that serde reports
+/// without a path (values inside `kind`-tagged sections), and returns the
+/// path suffix, such as `.aggregates[0].from`. A child is implicated when
+/// removing it fixes the error or changes it; a required child, whose
+/// removal only reports it missing, is searched inside.
+fn culprit<T: DeserializeOwned>(section: &Value, message: &str) -> String {
+    let trail = search::<T>(section, &mut Vec::new(), message).unwrap_or_default();
+    trail
+        .iter()
+        .map(|step| match step {
+            Step::Key(key) => format!(".{key}"),
+            Step::Index(index) => format!("[{index}]"),
+        })
+        .collect()
+}
+
+fn search<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: &str) -> Option<Vec<Step>> {
+    let missing = message.starts_with("missing field");
+    let children: Vec<Step> = match lookup(section, trail)? {
+        Value::Mapping(mapping) => mapping
+            .keys()
+            .filter_map(|key| key.as_str())
+            .filter(|key| *key != "kind")
+            .map(|key| Step::Key(key.to_string()))
+            .collect(),
+        Value::Sequence(items) => (0..items.len()).map(Step::Index).collect(),
+        _ => return None,
+    };
+    for child in children {
+        let mut candidate = section.clone();
+        remove(&mut candidate, trail, &child);
+        let required = match &child {
+            Step::Key(key) => format!("missing field `{key}`"),
+            Step::Index(_) => String::new(),
+        };
+        let outcome = serde_yaml_ng::from_value::<T>(candidate).map_err(|err| plain_types(&err.to_string()));
+        let implicated = match &outcome {
+            Ok(_) => true,
+            Err(other) => !missing && other != message && !other.starts_with(&required),
+        };
+        let searchable = implicated || outcome.as_ref().is_err_and(|other| !missing && other.starts_with(&required));
+        if !searchable {
+            continue;
         }
+        trail.push(child);
+        if let Some(deeper) = search::<T>(section, trail, message) {
+            return Some(deeper);
+        }
+        if implicated {
+            return Some(std::mem::take(trail));
+        }
+        trail.pop();
     }
     None
+}
+
+/// One step down a YAML value: a mapping key or a sequence index.
+#[derive(Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn lookup<'a>(value: &'a Value, trail: &[Step]) -> Option<&'a Value> {
+    trail.iter().try_fold(value, |node, step| match step {
+        Step::Key(key) => node.get(key.as_str()),
+        Step::Index(index) => node.get(*index),
+    })
+}
+
+fn remove(value: &mut Value, trail: &[Step], child: &Step) {
+    let mut node = value;
+    for step in trail {
+        node = match step {
+            Step::Key(key) => node.get_mut(key.as_str()).expect("the trail exists"),
+            Step::Index(index) => node.get_mut(*index).expect("the trail exists"),
+        };
+    }
+    match (node, child) {
+        (Value::Mapping(mapping), Step::Key(key)) => {
+            mapping.remove(key.as_str());
+        }
+        (Value::Sequence(items), Step::Index(index)) => {
+            items.remove(*index);
+        }
+        _ => {}
+    }
 }
 
 /// Returns the key of an "unknown field `key`" message.
@@ -164,6 +233,14 @@ mod tests {
         let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(paths, ["stages[1]"]);
         assert!(found[0].message.starts_with("missing field `column`"), "{}", found[0].message);
+    }
+
+    #[test]
+    fn nested_errors_name_their_path() {
+        let found = problems(&format!(
+            "{HEADER}stages:\n  - {{kind: repeat, samples: 2}}\n  - {{kind: aggregate, aggregates: [{{op: mean, column: x}}, {{op: mean, column: y, from: logits}}]}}\n"
+        ));
+        assert_eq!(found[0].path, "stages[1].aggregates[1].from");
     }
 
     #[test]
