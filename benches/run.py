@@ -59,6 +59,7 @@ def pipeline_yaml(case, work, input_path, records_note=""):
   - {name: model, kind: infer, model: %(model)s, inputs: {image: x}, batch_size: %(batch)d}
   - {name: draw, kind: sample, column: logits}""",
     }[case["kind"]] % {"model": json.dumps(str(case["model"])), "batch": case["batch"]}
+    stages = stages.replace(f"batch_size: {case['batch']}}}", f"batch_size: {case['batch']}{case.get('infer_extra', '')}}}", 1)
     columns = "[ordinal, y]" if case["kind"] == "heavy" else "[ordinal, class]"
     text = (
         f"seed: 1\nsource: {{kind: npy, path: {json.dumps(str(input_path))}, column: x, batch_size: {case['batch']}}}\n"
@@ -116,6 +117,11 @@ def main():
         {"name": f"{kind}_b{batch}", "kind": kind, "batch": batch, "model": models[kind]}
         for kind in ("heavy", "digits", "conv") for batch in (64, 256)
     ]
+    # The same model-bound case with two single-threaded sessions instead of
+    # one session with ONNX Runtime's default thread count; the bare loop
+    # keeps the default.
+    cases.append({"name": "heavy_b256_2x1", "kind": "heavy", "batch": 256, "model": models["heavy"],
+                  "infer_extra": ", threads: 1, sessions: 2"})
 
     results = {case["name"]: {"stochflow": [], "ort": [], "python": []} for case in cases}
     for round_index in range(args.rounds):
@@ -124,7 +130,7 @@ def main():
             pipeline = pipeline_yaml(case, work, inputs[case["kind"]])
             results[case["name"]]["stochflow"].append(stochflow_rate(binary, pipeline))
             results[case["name"]]["ort"].append(ort_rate(executables["ort_loop"], case, inputs[case["kind"]]))
-            if args.reference:
+            if args.reference and "infer_extra" not in case:
                 results[case["name"]]["python"].append(python_rate(args.reference, case, inputs[case["kind"]], work))
 
     print("\n| case | stochflow rec/s | bare ORT rec/s | Python rec/s | stochflow / ORT | stochflow / Python |")
