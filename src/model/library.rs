@@ -132,8 +132,10 @@ fn cache_dir() -> PathBuf {
 /// Asks Python where its `onnxruntime` package is. Returns the reason when
 /// the package is missing or of another release.
 fn from_python_package(python: &str) -> Result<PathBuf, String> {
-    const PROBE: &str =
-        "import os, onnxruntime; print(onnxruntime.__version__); print(os.path.dirname(onnxruntime.__file__))";
+    // Finds the package without importing it: importing onnxruntime loads
+    // numpy and takes a large part of a short run's start-up.
+    const PROBE: &str = "import importlib.metadata as m, importlib.util as u, os; \
+        spec = u.find_spec('onnxruntime'); print(m.version('onnxruntime')); print(os.path.dirname(spec.origin))";
     let output =
         Command::new(python).args(["-c", PROBE]).output().map_err(|err| format!("{python} did not start: {err}"))?;
     if !output.status.success() {
