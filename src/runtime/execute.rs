@@ -26,7 +26,7 @@ use crate::sink::{Sink, SinkError};
 use crate::source::SourceError;
 use crate::stage::StageError;
 
-/// Live counts, shared with whoever shows progress.
+/// Live counts, shared with the progress display.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub read: AtomicU64,
@@ -37,7 +37,7 @@ pub struct Counters {
     pub stop: AtomicBool,
 }
 
-/// What a finished run did.
+/// Counts and duration of a finished run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     /// Records the source produced, rejected ones included.
