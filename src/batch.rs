@@ -59,6 +59,39 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// Calls `f` with the key bytes of row `row`, the bytes that [`Keys::get`]
+    /// returns as a string, without allocating: random streams are derived
+    /// from them once per record.
+    pub fn with_bytes<R>(&self, row: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        if self.column.is_null(row) {
+            return f(b"<null>");
+        }
+        let mut digits = [0u8; 20];
+        let integer = |value: i128, digits: &mut [u8; 20]| -> usize {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut digits[..]);
+            write!(cursor, "{value}").expect("20 bytes hold any 64-bit integer");
+            cursor.position() as usize
+        };
+        match self.column.data_type() {
+            DataType::Int64 => {
+                let len = integer(i128::from(self.column.as_primitive::<Int64Type>().value(row)), &mut digits);
+                f(&digits[..len])
+            }
+            DataType::Int32 => {
+                let len = integer(i128::from(self.column.as_primitive::<Int32Type>().value(row)), &mut digits);
+                f(&digits[..len])
+            }
+            DataType::UInt64 => {
+                let len = integer(i128::from(self.column.as_primitive::<UInt64Type>().value(row)), &mut digits);
+                f(&digits[..len])
+            }
+            DataType::Utf8 => f(self.column.as_string::<i32>().value(row).as_bytes()),
+            DataType::LargeUtf8 => f(self.column.as_string::<i64>().value(row).as_bytes()),
+            other => unreachable!("key column type {other} is rejected in Keys::new"),
+        }
+    }
+
     /// Returns the key of row `row`.
     pub fn get(&self, row: usize) -> String {
         if self.column.is_null(row) {
@@ -81,5 +114,32 @@ pub fn sample_indices(batch: &RecordBatch) -> Vec<u32> {
     match batch.column_by_name(SAMPLE_COLUMN) {
         Some(column) => column.as_primitive::<Int32Type>().values().iter().map(|&s| s as u32).collect(),
         None => vec![0; batch.num_rows()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn key_bytes_match_key_text() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("path", DataType::Utf8, false),
+        ]));
+        let ids = Int64Array::from(vec![Some(0), Some(-17), Some(i64::MAX), None]);
+        let paths = StringArray::from(vec!["a.png", "b/c.jpg", "", "x"]);
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(paths)]).unwrap();
+        for column in ["id", "path"] {
+            let keys = Keys::new(&batch, column).unwrap();
+            for row in 0..4 {
+                assert_eq!(keys.with_bytes(row, |bytes| bytes.to_vec()), keys.get(row).into_bytes(), "{column} row {row}");
+            }
+        }
     }
 }

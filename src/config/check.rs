@@ -114,7 +114,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
                 if c.batch_size == 0 {
                     push(at("batch_size"), "must be at least 1".into());
                 }
-                if c.sessions == 0 {
+                if c.sessions == Some(0) {
                     push(at("sessions"), "must be at least 1".into());
                 }
                 if c.inputs.is_empty() {

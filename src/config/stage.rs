@@ -186,20 +186,36 @@ pub struct InferConfig {
     /// Records per model run.
     #[serde(default = "default_infer_batch")]
     pub batch_size: usize,
-    /// Intra-op threads per session; 0 lets ONNX Runtime choose.
+    /// Intra-op threads per session; 0 lets ONNX Runtime choose. By default,
+    /// the cores divided among the sessions.
     #[serde(default)]
-    pub threads: usize,
-    /// Sessions that run batches in parallel.
-    #[serde(default = "default_sessions")]
-    pub sessions: usize,
+    pub threads: Option<usize>,
+    /// Sessions that run batches in parallel. By default, the number of
+    /// cores, at most 4.
+    #[serde(default)]
+    pub sessions: Option<usize>,
+}
+
+/// Most sessions a stage opens by default: each holds its own copy of the
+/// model's weights.
+const MAX_DEFAULT_SESSIONS: usize = 4;
+
+impl InferConfig {
+    /// Sessions and intra-op threads per session. By default, one session
+    /// per core up to 4, with the cores shared among them: on small and
+    /// medium models, single-threaded sessions running side by side spend
+    /// less time waking and synchronizing ONNX Runtime's thread pool than
+    /// one session with many threads.
+    pub fn parallelism(&self) -> (usize, usize) {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let sessions = self.sessions.unwrap_or_else(|| cores.clamp(1, MAX_DEFAULT_SESSIONS));
+        let threads = self.threads.unwrap_or_else(|| (cores / sessions.max(1)).max(1));
+        (sessions, threads)
+    }
 }
 
 fn default_infer_batch() -> usize {
     64
-}
-
-fn default_sessions() -> usize {
-    1
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

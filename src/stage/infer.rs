@@ -87,7 +87,8 @@ impl Infer {
     pub fn plan(config: &InferConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
         let name = config.name.clone().unwrap_or_else(|| String::from("infer"));
         let model = ModelFile::read(&config.model).map_err(|err| vec![context.problem("model", err.to_string())])?;
-        let first = model.session(config.threads).map_err(|err| vec![context.problem("model", err.to_string())])?;
+        let (session_count, threads) = config.parallelism();
+        let first = model.session(threads).map_err(|err| vec![context.problem("model", err.to_string())])?;
         let signature = Signature::of(&first);
 
         let mut problems = Vec::new();
@@ -176,9 +177,8 @@ impl Infer {
         }
 
         let mut sessions = vec![first];
-        for _ in 1..config.sessions {
-            sessions
-                .push(model.session(config.threads).map_err(|err| vec![context.problem("model", err.to_string())])?);
+        for _ in 1..session_count {
+            sessions.push(model.session(threads).map_err(|err| vec![context.problem("model", err.to_string())])?);
         }
 
         let mut schema = context.input.clone();
@@ -188,7 +188,7 @@ impl Infer {
         let stage = Self {
             name,
             model_sha256: model.sha256.clone(),
-            pool: SessionPool { idle: Mutex::new(sessions), returned: Condvar::new(), size: config.sessions },
+            pool: SessionPool { idle: Mutex::new(sessions), returned: Condvar::new(), size: session_count },
             batch_size,
             columns,
             constants: config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),

@@ -95,7 +95,7 @@ impl AddNoise {
             for (target, &value) in row_buffer.iter_mut().zip(chunk) {
                 *target = value.into() as f32;
             }
-            if let Err(reason) = self.perturb_row(&mut row_buffer, keys.get(row).as_bytes(), samples[row]) {
+            if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(&mut row_buffer, key, samples[row])) {
                 problems[row] = Some(reason);
             }
             values.extend(row_buffer.iter().map(|v| narrow(v.round().clamp(0.0, max))));
@@ -126,7 +126,7 @@ impl Stage for AddNoise {
             ElementType::Float32 => {
                 let mut values = tensor::f32_values(column).map_err(error)?.to_vec();
                 for (row, chunk) in values.chunks_exact_mut(row_len.max(1)).enumerate() {
-                    if let Err(reason) = self.perturb_row(chunk, keys.get(row).as_bytes(), samples[row]) {
+                    if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(chunk, key, samples[row])) {
                         problems[row] = Some(reason);
                     }
                 }

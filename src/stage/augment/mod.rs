@@ -339,7 +339,7 @@ impl Stage for Augment {
                     Planes::from_row(values, column.layout, column.channels, column.height, column.width)
                 })
                 .collect();
-            let augmented = self.augment_record(images, keys.get(row).as_bytes(), samples[row]);
+            let augmented = keys.with_bytes(row, |key| self.augment_record(images, key, samples[row]));
             for ((image, column), out) in augmented.iter().zip(&self.columns).zip(&mut outputs) {
                 image.write_row(column.layout, out);
             }

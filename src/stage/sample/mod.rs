@@ -274,10 +274,10 @@ impl Sample {
         let mut sample_column = Vec::with_capacity(draws);
         let mut take = Vec::with_capacity(draws);
         for (row, prepared) in params.iter().enumerate() {
-            let key = keys.get(row);
             for s in 0..self.samples {
                 let sample = if fan_out { s } else { existing_samples[row] };
-                sampler.draw(prepared, &mut self.rng.stream(key.as_bytes(), sample), &mut values);
+                let mut rng = keys.with_bytes(row, |key| self.rng.stream(key, sample));
+                sampler.draw(prepared, &mut rng, &mut values);
                 sample_column.push(s as i32);
                 take.push(row as u32);
             }
