@@ -138,7 +138,11 @@ mod tests {
         for column in ["id", "path"] {
             let keys = Keys::new(&batch, column).unwrap();
             for row in 0..4 {
-                assert_eq!(keys.with_bytes(row, |bytes| bytes.to_vec()), keys.get(row).into_bytes(), "{column} row {row}");
+                assert_eq!(
+                    keys.with_bytes(row, |bytes| bytes.to_vec()),
+                    keys.get(row).into_bytes(),
+                    "{column} row {row}"
+                );
             }
         }
     }
