@@ -11,7 +11,7 @@ pub const SAMPLE_COLUMN: &str = "sample";
 /// A batch of records plus the records that were rejected on the way.
 ///
 /// Rejected records travel with the batch that would have held them, so that
-/// the sink sees every input record exactly once, as a row or as a rejection,
+/// the sink receives every input record exactly once, as a row or as a rejection,
 /// and in input order.
 #[derive(Debug)]
 pub struct Batch {

@@ -1,6 +1,6 @@
 //! Tensor columns in Arrow record batches.
 //!
-//! A tensor column holds one fixed-shape tensor per row as a
+//! A tensor column contains one fixed-shape tensor per row as a
 //! `FixedSizeList<T>` whose field carries the canonical
 //! `arrow.fixed_shape_tensor` extension type, with the per-row shape in the
 //! field metadata. The flat values of a whole column are one contiguous
@@ -27,7 +27,7 @@ pub enum ElementType {
 }
 
 impl ElementType {
-    /// The Arrow type of one element.
+    /// Returns the Arrow type of one element.
     pub fn arrow_type(self) -> DataType {
         match self {
             ElementType::Float32 => DataType::Float32,

@@ -1,4 +1,4 @@
-//! Log setup. Logs go to standard error through `tracing`; the filter comes
+//! Log setup. Logs go to standard error through `tracing`. The filter comes
 //! from `STOCHFLOW_LOG` (tracing-subscriber's `EnvFilter` syntax) and
 //! defaults to `info` for stochflow and `warn` for everything else. While a
 //! progress bar is shown, log lines are printed above it.

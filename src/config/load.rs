@@ -22,7 +22,7 @@ impl ConfigProblem {
     }
 }
 
-/// Why a pipeline file cannot be used.
+/// Error that makes a pipeline file unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read pipeline file {}", path.display())]
@@ -73,8 +73,8 @@ impl LoadedConfig {
 }
 
 /// Reads and checks a pipeline file. `seed` and `output` override the file's
-/// seed and sink path; `output` is taken relative to the working directory,
-/// the file's own paths relative to the file.
+/// seed and sink path. `output` is relative to the working directory, while
+/// paths in the file are relative to the file.
 pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
     let text =
         std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;

@@ -64,7 +64,7 @@ pub struct RuntimeConfig {
     /// Batches each CPU stage processes at once, on separate threads.
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// Batches each channel between two tasks holds before the sender waits.
+    /// Batches each channel between two tasks contains before the sender waits.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
 }

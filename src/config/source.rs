@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Where records come from.
+/// The source of records.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
@@ -46,10 +46,10 @@ pub struct ImagesSourceConfig {
     /// Descend into subdirectories when `path` is a directory.
     #[serde(default)]
     pub recursive: bool,
-    /// How records are keyed: by file path relative to the directory, or by ordinal.
+    /// Record key: the file path relative to the directory, or the ordinal.
     #[serde(default)]
     pub key: ImagesKey,
-    /// Name of the column that holds each file's encoded bytes.
+    /// Name of the column that contains each file's encoded bytes.
     #[serde(default = "default_image_column")]
     pub column: String,
     /// Records per batch that the source emits.
@@ -77,7 +77,8 @@ fn default_image_batch() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct ArrowFileSourceConfig {
     pub path: PathBuf,
-    /// Column that holds the record key (integer or string); the row ordinal when absent.
+    /// Column that contains the record key (integer or string). The row
+    /// ordinal is the key when absent.
     #[serde(default)]
     pub id_column: Option<String>,
     /// Columns to read, in this order; all columns when absent.

@@ -42,7 +42,7 @@ impl StageConfig {
         }
     }
 
-    /// The stage's name: the configured one, else its kind.
+    /// Returns the stage's name: the configured one, else its kind.
     pub fn name(&self) -> &str {
         let configured = match self {
             StageConfig::Preprocess(c) => &c.name,
@@ -101,7 +101,7 @@ pub enum ColorOrder {
 }
 
 impl ColorOrder {
-    /// The name used in pipeline files.
+    /// Returns the name used in pipeline files.
     pub fn name(self) -> &'static str {
         match self {
             ColorOrder::Rgb => "rgb",
@@ -196,16 +196,16 @@ pub struct InferConfig {
     pub sessions: Option<usize>,
 }
 
-/// Most sessions a stage opens by default: each holds its own copy of the
-/// model's weights.
+/// Maximum sessions a stage opens by default, because each session keeps
+/// its own copy of the model's weights.
 const MAX_DEFAULT_SESSIONS: usize = 4;
 
 impl InferConfig {
-    /// Sessions and intra-op threads per session. By default, one session
-    /// per core up to 4, with the cores shared among them: on small and
-    /// medium models, single-threaded sessions running side by side spend
-    /// less time waking and synchronizing ONNX Runtime's thread pool than
-    /// one session with many threads.
+    /// Returns the session count and the intra-op threads per session. By
+    /// default there is one session per core, up to 4, and the cores are
+    /// shared among them. On the benchmark models, single-threaded sessions
+    /// side by side spent less time waking and synchronizing ONNX Runtime's
+    /// thread pool than one session with many threads.
     pub fn parallelism(&self) -> (usize, usize) {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let sessions = self.sessions.unwrap_or_else(|| cores.clamp(1, MAX_DEFAULT_SESSIONS));

@@ -107,7 +107,7 @@ impl TensorInfo {
     }
 }
 
-/// A model's inputs and outputs as ONNX Runtime sees them.
+/// A model's inputs and outputs as ONNX Runtime reports them.
 #[derive(Clone, Debug)]
 pub struct Signature {
     pub inputs: Vec<TensorInfo>,

@@ -107,7 +107,7 @@ fn slow_path<R: Rng + ?Sized>(rng: &mut R, tables: &Tables, mut layer: usize, mu
     }
 }
 
-/// A uniform draw in (0, 1), never 0, so its logarithm is finite.
+/// Draws a uniform value in (0, 1), never 0, so its logarithm is finite.
 fn uniform_open<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }

@@ -11,7 +11,7 @@ use crate::sink::ImageSink;
 use crate::source::{self, Source, SourceError};
 use crate::stage::{self, PlanContext, Stage};
 
-/// Why a pipeline cannot start.
+/// Error that stops a pipeline before it starts.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error(transparent)]

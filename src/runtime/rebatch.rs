@@ -3,7 +3,7 @@
 //! sent, so their order relative to the rows is kept.
 //!
 //! After a fan-out, a batch is cut only where a record's first sample
-//! starts, so every batch holds all the samples of its records. Such batches
+//! starts, so every batch contains all the samples of its records. Such batches
 //! may then hold more than `size` rows, up to `size` plus one record's
 //! samples minus one.
 

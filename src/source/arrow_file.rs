@@ -95,7 +95,9 @@ impl ArrowFileSource {
             if !item.is_numeric() {
                 return Err(SourceError::Config {
                     path: key,
-                    message: format!("column {name:?} holds {item} values; a tensor column must hold numbers"),
+                    message: format!(
+                        "column {name:?} contains {item} values, but a tensor column must contain numbers"
+                    ),
                 });
             }
             tensors.insert(name.clone(), TensorType::new(ElementType::Float32, shape.shape.clone()));

@@ -139,10 +139,10 @@ impl Source for LatentSource {
             columns.push(Arc::new(Int32Array::from_iter_values(ordinals.clone().map(|o| (o % steps) as i32))));
             columns.push(Arc::new(Float32Array::from_iter_values(ordinals.clone().map(|o| (o % steps) as f32 / last))));
         }
-        columns.push(tensor::build_f32(&self.tensor, values).expect("the buffer holds whole rows"));
+        columns.push(tensor::build_f32(&self.tensor, values).expect("the buffer contains whole rows"));
         for (constant_type, constant) in &self.conditioning {
             let repeated = constant.iter().copied().cycle().take(constant.len() * count as usize).collect();
-            columns.push(tensor::build_f32(constant_type, repeated).expect("the buffer holds whole rows"));
+            columns.push(tensor::build_f32(constant_type, repeated).expect("the buffer contains whole rows"));
         }
         self.next += count;
         let data = RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the source schema");

@@ -44,7 +44,7 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// The pipeline-file path of the setting this error is about, if any.
+    /// Returns the pipeline-file path of the setting this error is about, if any.
     pub fn config_path(&self) -> Option<&str> {
         match self {
             SourceError::Config { path, .. } => Some(path),
@@ -58,7 +58,7 @@ pub trait Source: Send {
     /// Schema of every batch the source yields.
     fn schema(&self) -> SchemaRef;
 
-    /// Name of the column that holds the record key.
+    /// Name of the column that contains the record key.
     fn key_column(&self) -> &str;
 
     /// Number of records, when known before reading.

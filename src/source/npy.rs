@@ -229,7 +229,7 @@ impl Source for NpySource {
         if self.dtype == Dtype::F32 && cfg!(target_endian = "little") {
             let mut floats = vec![0f32; count * self.tensor.len()];
             self.reader.read_exact(bytemuck::cast_slice_mut(&mut floats)).map_err(io_error)?;
-            let values = tensor::build_f32(&self.tensor, floats).expect("the buffer holds whole rows");
+            let values = tensor::build_f32(&self.tensor, floats).expect("the buffer contains whole rows");
             return Ok(Some(self.batch(count, values)));
         }
 
@@ -247,7 +247,7 @@ impl Source for NpySource {
                 tensor::build_f32(&self.tensor, floats)
             }
         }
-        .expect("the buffer holds whole rows");
+        .expect("the buffer contains whole rows");
         Ok(Some(self.batch(count, values)))
     }
 }

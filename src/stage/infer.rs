@@ -1,9 +1,9 @@
 //! The `infer` stage: runs an ONNX model through ONNX Runtime.
 //!
 //! Planning reads the model, opens its sessions and checks the pipeline
-//! against the model's signature: every model input is fed by a column or a
-//! constant, element types match, and each column's per-row shape fits the
-//! input's dimensions after the leading batch dimension.
+//! against the model's signature. Every model input must be fed by a column
+//! or a constant, element types must match, and each column's per-row shape
+//! must fit the input's dimensions after the leading batch dimension.
 //!
 //! Columns are handed to ONNX Runtime as views of the Arrow buffers, without
 //! a copy. A record whose inputs hold NaN or infinity is rejected before the

@@ -67,7 +67,7 @@ pub trait Stage: Send + Sync {
     }
 }
 
-/// What a stage needs to know when it is planned.
+/// Inputs to planning a stage: the seed, its position, its input schema.
 pub struct PlanContext<'a> {
     pub seed: u64,
     pub index: usize,
@@ -77,7 +77,7 @@ pub struct PlanContext<'a> {
 }
 
 impl PlanContext<'_> {
-    /// A problem about a key of this stage's section.
+    /// Builds a problem about a key of this stage's section.
     pub fn problem(&self, key: &str, message: impl Into<String>) -> ConfigProblem {
         ConfigProblem::new(format!("stages[{}].{key}", self.index), message)
     }
@@ -148,7 +148,7 @@ pub fn with_column(batch: &RecordBatch, schema: &SchemaRef, name: &str, column: 
     RecordBatch::try_new(schema.clone(), columns).expect("the planned schema matches the columns")
 }
 
-/// The output schema after replacing or appending `field`.
+/// Returns the schema with `field` replacing a field of its name, or appended.
 pub fn schema_with(input: &SchemaRef, field: arrow::datatypes::Field) -> SchemaRef {
     let mut fields: Vec<arrow::datatypes::FieldRef> = input.fields().iter().cloned().collect();
     match fields.iter().position(|f| f.name() == field.name()) {

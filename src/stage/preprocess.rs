@@ -1,9 +1,9 @@
 //! The `preprocess` stage: decode images into model-ready tensors.
 //!
-//! Decoding convention: PNG and JPEG files of any supported kind (grayscale,
-//! grayscale with alpha, RGB, RGBA; 8 or 16 bits per channel) decode to
-//! float32 values in [0, 1], the integer value divided by 255 or 65535,
-//! after the EXIF orientation is applied. `color` then picks the channels:
+//! Decoding convention: PNG and JPEG files of any supported kind decode to
+//! float32 values in [0, 1], after the EXIF orientation is applied. The
+//! kinds are grayscale, grayscale with alpha, RGB and RGBA, with 8 or 16 bits
+//! per channel, and each integer value is divided by 255 or 65535. `color` then picks the channels:
 //! `rgb` and `bgr` drop alpha and repeat gray, `gray` takes Rec. 709 luma,
 //! `rgba` adds an opaque alpha where there is none. Resizing works on these
 //! float values; normalization computes (value - mean) / std per channel.
@@ -194,10 +194,11 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
 
 /// Checks that a JPEG's last scan is followed by an end-of-image marker.
 ///
-/// The JPEG decoder fills a truncated scan with gray instead of failing, so
-/// truncation is checked here. Entropy-coded data never contains a marker
-/// (a 0xFF data byte is followed by 0x00 or a restart marker), so the last
-/// start-of-scan marker (FF DA) belongs to the main image, not to an EXIF
+/// The JPEG decoder returns an image for a truncated scan instead of
+/// failing, so truncation is checked here. Entropy-coded data never contains
+/// a marker, because a 0xFF data byte is followed by 0x00 or a restart
+/// marker. The last start-of-scan marker (FF DA) therefore belongs to the
+/// main image, not to an EXIF
 /// thumbnail, and a complete file has an FF D9 after it.
 fn jpeg_has_end(bytes: &[u8]) -> bool {
     let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);

@@ -161,7 +161,7 @@ pub fn yaml_path(path: &Path) -> String {
     format!("{:?}", path.to_str().expect("test paths are UTF-8"))
 }
 
-/// The standard normal CDF, by the Abramowitz-Stegun 7.1.26 erf
+/// Computes the standard normal CDF by the Abramowitz-Stegun 7.1.26 erf
 /// approximation (absolute error below 1.5e-7).
 pub fn normal_cdf(x: f64) -> f64 {
     let z = x / std::f64::consts::SQRT_2;

@@ -6,7 +6,7 @@ use arrow::ipc::writer::FileWriter;
 
 use crate::common::*;
 
-/// The digits pipeline with input noise, the MLP, output noise and samples,
+/// Builds the digits pipeline with input noise, the MLP, output noise and samples,
 /// with the batching and parallelism settings left open.
 fn digits_pipeline(
     seed: u64,

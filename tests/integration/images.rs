@@ -20,7 +20,8 @@ fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(repo("fixtures/images/expected.json")).unwrap()).unwrap()
 }
 
-/// The fixture's pixels as RGBA values in [0, 1]: gray repeated, alpha 1 when absent.
+/// Returns the fixture's pixels as RGBA values in [0, 1], with gray repeated
+/// and alpha 1 when absent.
 fn expected_rgba(entry: &Value, pixels_key: &str) -> Vec<f32> {
     let max = if entry["bit_depth"] == 16 { 65535.0 } else { 255.0 };
     let mut values = Vec::new();

@@ -30,7 +30,8 @@ def main(path: str) -> None:
     assert table.schema.field("sample").type == pa.int32()
     assert table.schema.field("class").type == pa.int32()
     classes = table.column("class").to_pylist()
-    assert min(classes) >= 0 and max(classes) <= 9
+    assert min(classes) >= 0, min(classes)
+    assert max(classes) <= 9, max(classes)
     assert table.column("sample").to_pylist()[:6] == [0, 1, 2, 3, 4, 0]
 
     metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}

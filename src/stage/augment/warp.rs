@@ -66,7 +66,7 @@ fn center((height, width): (usize, usize)) -> (f64, f64) {
 /// Sine and cosine of an angle in degrees, exact at multiples of 90 so that
 /// quarter turns move pixels without blending them.
 // NOTE: other angles use the platform's libm, so a rotated value may differ
-// in its last bits between platforms; one build on one machine always agrees.
+// in its last bits between platforms. One build on one machine always agrees.
 fn sin_cos_degrees(degrees: f64) -> (f64, f64) {
     let quarter_turns = degrees / 90.0;
     if quarter_turns == quarter_turns.round() {
