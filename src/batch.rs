@@ -1,6 +1,7 @@
 //! The unit that travels between pipeline tasks.
 
 use std::fmt;
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt64Type};
@@ -13,16 +14,36 @@ pub const SAMPLE_COLUMN: &str = "sample";
 /// Rejected records travel with the batch that would have held them, so that
 /// the sink receives every input record exactly once, as a row or as a rejection,
 /// and in input order.
+///
+/// In the daemon, batches also carry the progress marks of the input they
+/// came from, so the sink knows which input is durable once it commits a file.
 #[derive(Debug)]
 pub struct Batch {
     pub data: RecordBatch,
     pub rejected: Vec<Rejected>,
+    /// Input read up to and including this batch's records.
+    pub marks: Vec<Mark>,
+    /// Whether `marks` cover every record up to this batch's last row, that
+    /// is, whether the batch ends where a source batch ended. A file may be
+    /// committed only after such a batch, or records in it would be durable
+    /// without a mark saying so.
+    pub ends_source_batch: bool,
 }
 
 impl Batch {
     pub fn new(data: RecordBatch, rejected: Vec<Rejected>) -> Self {
-        Self { data, rejected }
+        Self { data, rejected, marks: Vec::new(), ends_source_batch: true }
     }
+}
+
+/// Progress through one input unit (a watched file or a socket stream): its
+/// first `records` records have been read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub unit: Arc<str>,
+    pub records: u64,
+    /// Whether the unit has no more records.
+    pub complete: bool,
 }
 
 /// A record that a source or stage could not process.

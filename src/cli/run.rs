@@ -79,7 +79,8 @@ fn input_files(config: &PipelineConfig) -> Vec<&Path> {
         SourceConfig::ArrowFile(c) => files.push(&c.path),
         SourceConfig::Npy(c) => files.push(&c.path),
         SourceConfig::Images(c) => files.push(&c.path),
-        SourceConfig::Latent(_) => {}
+        SourceConfig::Latent(_) | SourceConfig::Socket(_) => {}
+        SourceConfig::Watch(c) => files.push(&c.path),
     }
     for stage in &config.stages {
         if let StageConfig::Infer(c) = stage {

@@ -116,6 +116,15 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
         SourceConfig::ArrowFile(c) => resolve(&mut c.path),
         SourceConfig::Npy(c) => resolve(&mut c.path),
         SourceConfig::Latent(_) => {}
+        // The `read` path is a file name pattern inside the directory.
+        SourceConfig::Watch(c) => resolve(&mut c.path),
+        SourceConfig::Socket(c) => {
+            if let Some(socket) = c.listen.strip_prefix("unix:") {
+                let mut path = PathBuf::from(socket);
+                resolve(&mut path);
+                c.listen = format!("unix:{}", path.display());
+            }
+        }
     }
     for stage in &mut config.stages {
         if let StageConfig::Infer(c) = stage {
@@ -135,7 +144,7 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
 fn fingerprint(config: &PipelineConfig) -> String {
     let mut value = serde_json::to_value(config).expect("a pipeline config always serializes");
 
-    remove_keys(&mut value, &["runtime"]);
+    remove_keys(&mut value, &["runtime", "daemon"]);
     remove_keys(&mut value["source"], &["batch_size"]);
     remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
     if let Some(images) = value["sink"].get_mut("images") {

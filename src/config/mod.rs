@@ -6,6 +6,7 @@
 
 mod augment;
 mod check;
+mod daemon;
 mod image_sink;
 mod latent;
 mod load;
@@ -21,6 +22,7 @@ mod stage;
 use serde::{Deserialize, Serialize};
 
 pub use augment::{AugmentConfig, AugmentOp, FillMode, FlipMode, Interpolation, PairedConfig, RangeConfig, Resample};
+pub use daemon::{DaemonConfig, RotateConfig};
 pub use image_sink::ImageSinkConfig;
 pub use latent::{
     ConditioningConfig, FRACTION_COLUMN, InterpolateConfig, InterpolationMethod, LatentSourceConfig, PATH_COLUMN,
@@ -36,7 +38,8 @@ pub use sampling::{
 };
 pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
 pub use source::{
-    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SourceConfig, TensorShapeConfig,
+    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SocketSourceConfig, SourceConfig,
+    TensorShapeConfig, WatchSourceConfig,
 };
 pub use stage::{
     ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,
@@ -55,6 +58,9 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Settings of `stochflow daemon`; `stochflow run` ignores them.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
 }
 
 /// Settings that change speed and memory use but never the output.

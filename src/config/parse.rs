@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::load::ConfigProblem;
-use super::{PipelineConfig, RuntimeConfig};
+use super::{DaemonConfig, PipelineConfig, RuntimeConfig};
 
 /// The top level, with sections still unparsed.
 #[derive(Deserialize)]
@@ -24,6 +24,8 @@ struct TopLevel {
     sink: Value,
     #[serde(default)]
     runtime: Option<Value>,
+    #[serde(default)]
+    daemon: Option<Value>,
 }
 
 /// Parses a pipeline file. `Err(Ok(message))` is a syntax or top-level
@@ -42,10 +44,14 @@ pub fn parse(text: &str) -> Result<PipelineConfig, Result<String, Vec<ConfigProb
         Some(value) => section::<RuntimeConfig>("runtime", value, &mut problems),
         None => Some(RuntimeConfig::default()),
     };
+    let daemon = match top.daemon {
+        Some(value) => section::<DaemonConfig>("daemon", value, &mut problems),
+        None => Some(DaemonConfig::default()),
+    };
 
-    match (seed, source, stages.into_iter().collect::<Option<Vec<_>>>(), sink, runtime) {
-        (Some(seed), Some(source), Some(stages), Some(sink), Some(runtime)) if problems.is_empty() => {
-            Ok(PipelineConfig { seed, source, stages, sink, runtime })
+    match (seed, source, stages.into_iter().collect::<Option<Vec<_>>>(), sink, runtime, daemon) {
+        (Some(seed), Some(source), Some(stages), Some(sink), Some(runtime), Some(daemon)) if problems.is_empty() => {
+            Ok(PipelineConfig { seed, source, stages, sink, runtime, daemon })
         }
         _ => Err(Err(problems)),
     }

@@ -16,6 +16,11 @@ pub enum SourceConfig {
     Npy(NpySourceConfig),
     /// Records drawn from a prior: the input of a generator pipeline.
     Latent(super::LatentSourceConfig),
+    /// Files that arrive in a directory (daemon only).
+    Watch(WatchSourceConfig),
+    /// Arrow IPC streams sent to a loopback TCP port or a Unix socket
+    /// (daemon only).
+    Socket(SocketSourceConfig),
 }
 
 impl SourceConfig {
@@ -25,6 +30,8 @@ impl SourceConfig {
             SourceConfig::ArrowFile(_) => "arrow_file",
             SourceConfig::Npy(_) => "npy",
             SourceConfig::Latent(_) => "latent",
+            SourceConfig::Watch(_) => "watch",
+            SourceConfig::Socket(_) => "socket",
         }
     }
 
@@ -34,8 +41,58 @@ impl SourceConfig {
             SourceConfig::ArrowFile(c) => c.batch_size,
             SourceConfig::Npy(c) => c.batch_size,
             SourceConfig::Latent(c) => c.batch_size,
+            SourceConfig::Watch(c) => c.read.batch_size(),
+            SourceConfig::Socket(_) => 1,
         }
     }
+
+    /// Whether the source never ends, so only `stochflow daemon` can run it.
+    pub fn is_endless(&self) -> bool {
+        matches!(self, SourceConfig::Watch(_) | SourceConfig::Socket(_))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSourceConfig {
+    /// The watched directory.
+    pub path: PathBuf,
+    /// How each file is read: an `arrow_file`, `npy` or `images` source
+    /// whose `path` is a file name pattern, such as `"*.arrow"`.
+    pub read: Box<SourceConfig>,
+    /// A file counts as complete once its size and modification time have
+    /// not changed for this long. Writers that create files under a hidden or
+    /// `.partial` name and rename them in can set 0.
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// Interval between two scans of the directory.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_settle_ms() -> u64 {
+    1000
+}
+
+fn default_poll_ms() -> u64 {
+    200
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketSourceConfig {
+    /// `127.0.0.1:PORT` (a loopback TCP address) or `unix:PATH`.
+    pub listen: String,
+    /// Column that contains the record key (integer or string). When absent,
+    /// the key is `STREAM:OFFSET`, the stream name and the record's position.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// Columns to read, in this order; all columns when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Columns to read as tensors, with their per-row shape, as in `arrow_file`.
+    #[serde(default)]
+    pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -15,12 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
+use super::chain::{ChainOptions, spawn_stages};
 use super::plan::{Pipeline, error_chain};
-use super::rebatch::rebatch;
 use crate::batch::{Batch, SAMPLE_COLUMN};
 use crate::sink::{Sink, SinkError};
 use crate::source::SourceError;
@@ -76,7 +74,7 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     let Pipeline { mut source, stages, stage_inputs, channel_capacity, key_column, .. } = pipeline;
     let mut tasks = tokio::task::JoinSet::new();
 
-    let (source_tx, mut rx) = mpsc::channel::<Batch>(channel_capacity);
+    let (source_tx, rx) = mpsc::channel::<Batch>(channel_capacity);
     let source_counters = counters.clone();
     let source_task = tokio::task::spawn_blocking(move || -> Result<(), RunError> {
         let _span = tracing::info_span!("source").entered();
@@ -90,19 +88,8 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         Ok(())
     });
 
-    for (stage, input_schema) in stages.iter().zip(stage_inputs) {
-        if let Some(size) = stage.batch_size() {
-            let (tx, next_rx) = mpsc::channel(channel_capacity);
-            let upstream = std::mem::replace(&mut rx, next_rx);
-            tasks.spawn(async move {
-                rebatch(upstream, tx, size, input_schema).await;
-                Ok(())
-            });
-        }
-        let (tx, next_rx) = mpsc::channel(channel_capacity);
-        let upstream = std::mem::replace(&mut rx, next_rx);
-        tasks.spawn(run_stage(stage.clone(), upstream, tx));
-    }
+    let options = ChainOptions { channel_capacity, max_delay: None, observer: None };
+    let mut rx = spawn_stages(&mut tasks, &stages, stage_inputs, rx, &options);
 
     let sink_counters = counters.clone();
     let sink_task = tokio::task::spawn_blocking(move || -> Result<Sink, RunError> {
@@ -158,31 +145,6 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         seconds: started.elapsed().as_secs_f64(),
         interrupted: counters.stop.load(Ordering::Relaxed),
     })
-}
-
-/// Runs one stage over its input, `concurrency()` batches at a time on
-/// blocking threads, sending results in input order.
-async fn run_stage(
-    stage: Arc<dyn crate::stage::Stage>,
-    input: mpsc::Receiver<Batch>,
-    output: mpsc::Sender<Batch>,
-) -> Result<(), RunError> {
-    let span = tracing::info_span!("stage", name = %stage.name());
-    let concurrency = stage.concurrency().max(1);
-    let mut results = ReceiverStream::new(input)
-        .map(|batch| {
-            let stage = stage.clone();
-            let span = span.clone();
-            tokio::task::spawn_blocking(move || span.in_scope(|| stage.process(batch)))
-        })
-        .buffered(concurrency);
-    while let Some(joined) = results.next().await {
-        let batch = joined.map_err(|err| RunError::Task(err.to_string()))??;
-        if output.send(batch).await.is_err() {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// Counts records at the sink. After a fan-out, a record's rows are

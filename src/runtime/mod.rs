@@ -1,9 +1,11 @@
 //! The runtime: plans a pipeline from its file and runs it as async tasks
 //! joined by bounded channels.
 
+mod chain;
 mod execute;
 mod plan;
 mod rebatch;
 
 pub use execute::{Counters, RunError, Summary, execute};
-pub use plan::{Pipeline, PlanError, plan};
+pub use chain::{ChainOptions, StageObserver, spawn_stages};
+pub use plan::{Pipeline, PlanError, PlannedStages, error_chain, plan, plan_stages};

@@ -38,6 +38,23 @@ pub struct Pipeline {
     pub images: Option<ImageSink>,
 }
 
+/// The stages and output of a pipeline, planned against a source's schema.
+pub struct PlannedStages {
+    pub stages: Vec<Arc<dyn Stage>>,
+    /// Schema of the batches each stage receives.
+    pub stage_inputs: Vec<SchemaRef>,
+    /// Schema of the batches that reach the sink.
+    pub schema: SchemaRef,
+    /// Schema of the written file, with provenance metadata.
+    pub output_schema: SchemaRef,
+    /// Indices of the written columns in `schema`.
+    pub projection: Vec<usize>,
+    pub key_column: String,
+    pub channel_capacity: usize,
+    /// The PNG output of `sink.images`, planned but not yet created.
+    pub images: Option<ImageSink>,
+}
+
 /// Plans the pipeline of a loaded file. Every problem found is reported,
 /// each with its YAML line.
 pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
@@ -54,8 +71,24 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
         }
     };
     let key_column = source.key_column().to_string();
+    let planned = plan_stages(loaded, source.schema(), key_column)?;
+    Ok(Pipeline {
+        source,
+        stages: planned.stages,
+        stage_inputs: planned.stage_inputs,
+        schema: planned.schema,
+        output_schema: planned.output_schema,
+        projection: planned.projection,
+        key_column: planned.key_column,
+        channel_capacity: planned.channel_capacity,
+        images: planned.images,
+    })
+}
 
-    let mut schema = source.schema();
+/// Plans the stages and the output of a loaded file against the schema and
+/// key column of the batches its source yields.
+pub fn plan_stages(loaded: &LoadedConfig, mut schema: SchemaRef, key_column: String) -> Result<PlannedStages, PlanError> {
+    let config = &loaded.config;
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut stage_inputs = Vec::new();
     let mut problems = Vec::new();
@@ -124,8 +157,7 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
     let fields: Vec<_> = projection.iter().map(|&i| schema.field(i).clone()).collect();
     let output_schema = Arc::new(Schema::new_with_metadata(fields, metadata));
 
-    Ok(Pipeline {
-        source,
+    Ok(PlannedStages {
         stages,
         stage_inputs,
         schema,

@@ -1,57 +1,152 @@
 //! Regrouping rows into batches of a fixed size before a stage that wants
-//! them (the model stage). Rejections travel on with the next batch that is
-//! sent, so their order relative to the rows is kept.
+//! them (the model stage).
 //!
 //! After a fan-out, a batch is cut only where a record's first sample
 //! starts, so every batch contains all the samples of its records. Such batches
 //! may then hold more than `size` rows, up to `size` plus one record's
 //! samples minus one.
+//!
+//! The rejections and progress marks of an input batch travel with the
+//! output batch that contains its last row, so they are never ahead of the
+//! rows they follow. With a maximum delay (the daemon's dynamic batching),
+//! rows wait at most that long for a full batch before a smaller one is sent.
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
 use arrow::datatypes::{Int32Type, SchemaRef};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::batch::{Batch, Rejected, SAMPLE_COLUMN};
+use crate::batch::{Batch, Mark, Rejected, SAMPLE_COLUMN};
 
-/// Reads batches from `input` and sends batches of `size` rows to `output`,
-/// plus a last, smaller one when the input ends. Returns when the input is
-/// closed or the output is dropped.
-pub async fn rebatch(mut input: mpsc::Receiver<Batch>, output: mpsc::Sender<Batch>, size: usize, schema: SchemaRef) {
-    let mut pending: Vec<RecordBatch> = Vec::new();
-    let mut pending_rows = 0;
-    let mut rejected: Vec<Rejected> = Vec::new();
+/// Where an input batch ended among the pending rows, with what it carried
+/// besides rows.
+struct InputEnd {
+    row: usize,
+    rejected: Vec<Rejected>,
+    marks: Vec<Mark>,
+}
 
-    while let Some(batch) = input.recv().await {
-        rejected.extend(batch.rejected);
+/// Rows received but not yet sent.
+struct Pending {
+    schema: SchemaRef,
+    parts: Vec<RecordBatch>,
+    rows: usize,
+    ends: VecDeque<InputEnd>,
+    /// When the oldest pending input arrived.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, batch: Batch) {
         if batch.data.num_rows() > 0 {
-            pending_rows += batch.data.num_rows();
-            pending.push(batch.data);
+            self.rows += batch.data.num_rows();
+            self.parts.push(batch.data);
         }
-        if pending_rows < size {
-            continue;
+        if !batch.rejected.is_empty() || !batch.marks.is_empty() || batch.ends_source_batch {
+            self.ends.push_back(InputEnd { row: self.rows, rejected: batch.rejected, marks: batch.marks });
         }
+        self.since.get_or_insert_with(Instant::now);
+    }
 
-        let joined = concat_batches(&schema, &pending).expect("batches before a stage share its input schema");
-        pending.clear();
+    fn is_empty(&self) -> bool {
+        self.rows == 0 && self.ends.is_empty()
+    }
+
+    /// Splits the pending rows into batches of `size` rows (or all of them
+    /// when `flush` is set) and keeps the rest.
+    fn take_batches(&mut self, size: usize, flush: bool) -> Vec<Batch> {
+        let joined = concat_batches(&self.schema, &self.parts).expect("batches before a stage share its input schema");
+        self.parts.clear();
+        let mut batches = Vec::new();
         let mut offset = 0;
-        while let Some(end) = cut(&joined, offset, size) {
-            let chunk = joined.slice(offset, end - offset);
+        loop {
+            let end = match cut(&joined, offset, size) {
+                Some(end) => end,
+                None if flush && (offset < joined.num_rows() || !self.ends.is_empty()) => joined.num_rows(),
+                None => break,
+            };
+            let mut batch = Batch::new(joined.slice(offset, end - offset), Vec::new());
+            batch.ends_source_batch = false;
+            while self.ends.front().is_some_and(|input_end| input_end.row <= end) {
+                let input_end = self.ends.pop_front().expect("front was checked");
+                batch.rejected.extend(input_end.rejected);
+                batch.marks.extend(input_end.marks);
+                batch.ends_source_batch = input_end.row == end;
+            }
+            batches.push(batch);
             offset = end;
-            if output.send(Batch::new(chunk, std::mem::take(&mut rejected))).await.is_err() {
-                return;
+            if offset == joined.num_rows() && (!flush || self.ends.is_empty()) {
+                break;
             }
         }
-        pending_rows = joined.num_rows() - offset;
-        if pending_rows > 0 {
-            pending.push(joined.slice(offset, pending_rows));
+        self.rows = joined.num_rows() - offset;
+        if self.rows > 0 {
+            self.parts.push(joined.slice(offset, self.rows));
+        }
+        for input_end in &mut self.ends {
+            input_end.row -= offset;
+        }
+        // The rows left may have arrived with the oldest, so their wait
+        // keeps counting from then: a later flush is early, never late.
+        if self.is_empty() {
+            self.since = None;
+        }
+        batches
+    }
+}
+
+/// Reads batches from `input` and sends batches of `size` rows to `output`,
+/// plus a last, smaller one when the input ends. With `max_delay`, pending
+/// rows are also sent once the oldest has waited that long. Returns when the
+/// input is closed or the output is dropped.
+pub async fn rebatch(
+    mut input: mpsc::Receiver<Batch>,
+    output: mpsc::Sender<Batch>,
+    size: usize,
+    schema: SchemaRef,
+    max_delay: Option<Duration>,
+) {
+    let mut pending = Pending { schema, parts: Vec::new(), rows: 0, ends: VecDeque::new(), since: None };
+    loop {
+        let deadline = match (max_delay, pending.since) {
+            (Some(delay), Some(since)) if !pending.is_empty() => Some(since + delay),
+            _ => None,
+        };
+        let received = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, input.recv()).await {
+                Ok(received) => received,
+                Err(_elapsed) => {
+                    if !send_all(&output, pending.take_batches(size, true)).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            None => input.recv().await,
+        };
+        let Some(batch) = received else { break };
+        pending.push(batch);
+        if pending.rows >= size && !send_all(&output, pending.take_batches(size, false)).await {
+            return;
         }
     }
-
-    if pending_rows > 0 || !rejected.is_empty() {
-        let joined = concat_batches(&schema, &pending).expect("batches before a stage share its input schema");
-        let _ = output.send(Batch::new(joined, rejected)).await;
+    if !pending.is_empty() {
+        send_all(&output, pending.take_batches(size, true)).await;
     }
+}
+
+/// Sends batches in order; returns false once the receiver is gone.
+async fn send_all(output: &mpsc::Sender<Batch>, batches: Vec<Batch>) -> bool {
+    for batch in batches {
+        if output.send(batch).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Returns where the batch starting at `offset` ends: `size` rows on, moved

@@ -176,6 +176,11 @@ impl ArrowFileSink {
         Ok(())
     }
 
+    /// Adds a key-value pair to the footer's custom metadata.
+    pub fn set_footer_metadata(&mut self, key: &str, value: String) {
+        self.writer.as_mut().expect("the writer is open until finish").write_metadata(key, value);
+    }
+
     /// Writes the footer and commits the file under its final name.
     pub fn finish(mut self) -> Result<PathBuf, SinkError> {
         self.flush(true)?;

@@ -1,9 +1,12 @@
 //! Sinks: where results go.
 
 mod arrow_file;
+pub mod checkpoint;
 mod images;
 mod output;
+mod rotating;
 
 pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
 pub use images::ImageSink;
 pub use output::Sink;
+pub use rotating::{Committed, RotatingSink, dead_letter_schema};

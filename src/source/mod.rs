@@ -11,6 +11,7 @@ mod interpolate;
 mod latent;
 mod npy;
 mod prior;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,7 @@ pub use arrow_file::ArrowFileSource;
 pub use images::ImagesSource;
 pub use latent::LatentSource;
 pub use npy::NpySource;
+pub use watch::{WATCH_KEY_COLUMN, WatchSource};
 
 /// Name of the key column of sources keyed by ordinal.
 pub const ORDINAL_COLUMN: &str = "ordinal";
@@ -76,5 +78,14 @@ pub fn open(config: &SourceConfig, seed: u64) -> Result<Box<dyn Source>, SourceE
         SourceConfig::ArrowFile(c) => Box::new(ArrowFileSource::open(c)?),
         SourceConfig::Npy(c) => Box::new(NpySource::open(c)?),
         SourceConfig::Latent(c) => Box::new(LatentSource::open(c, seed)?),
+        SourceConfig::Watch(_) | SourceConfig::Socket(_) => {
+            return Err(SourceError::Config {
+                path: String::from("source.kind"),
+                message: format!(
+                    "a {} source never ends, so it runs only under `stochflow daemon`; use an arrow_file, npy, images or latent source with `stochflow run`",
+                    config.kind()
+                ),
+            });
+        }
     })
 }

@@ -1,0 +1,242 @@
+//! The daemon's output: a directory of rotated Arrow IPC files, their
+//! dead-letter files and the checkpoint.
+//!
+//! Commit protocol, for commit number N:
+//! 1. Rows and rejected records are held in memory until the file's rotation
+//!    limit is reached, and then only at the end of a source batch, where the
+//!    progress marks cover every row held.
+//! 2. The rejected records, if any, are written to `dead-N.arrow` through
+//!    [`ArrowFileSink`]: a `.partial` file, footer, fsync, rename, fsync of
+//!    the directory.
+//! 3. The rows, if any, are written to `part-N.arrow` the same way. The
+//!    footer of the last file written carries the checkpoint that holds
+//!    once it is committed.
+//! 4. `checkpoint.json` is replaced with that checkpoint (see
+//!    [`super::checkpoint`] for how a restart reads these back).
+//!
+//! A step that fails (a full disk, say) removes its `.partial` file and
+//! leaves the rows in memory, so the whole commit can be tried again and
+//! nothing accepted is lost. No file under a final name is ever torn: a
+//! crash leaves at most `.partial` files, which recovery removes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::checkpoint::{Checkpoint, FOOTER_KEY, dead_letter_name, part_name};
+use super::{ArrowFileSink, SinkError};
+use crate::batch::{Batch, Rejected};
+use crate::config::{Compression, RotateConfig};
+
+/// What one commit wrote.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub files: Vec<(PathBuf, u64)>,
+    pub rows: u64,
+    pub dead_letters: u64,
+    pub checkpoint: Checkpoint,
+}
+
+pub struct RotatingSink {
+    dir: PathBuf,
+    schema: SchemaRef,
+    projection: Vec<usize>,
+    compression: Compression,
+    rows_per_batch: usize,
+    rotate: RotateConfig,
+    /// The checkpoint of the last commit.
+    durable: Checkpoint,
+    /// The checkpoint once everything held is committed.
+    progress: Checkpoint,
+    rows: Vec<RecordBatch>,
+    row_count: u64,
+    bytes: u64,
+    first_row_at: Option<Instant>,
+    dead: Vec<(Rejected, String)>,
+    /// Whether the last batch ended a source batch; see [`Batch::ends_source_batch`].
+    at_boundary: bool,
+    /// The unit of the last mark seen, for dead letters of batches without marks.
+    last_unit: Option<Arc<str>>,
+    /// Whether marks arrived since the last commit.
+    marked: bool,
+}
+
+impl RotatingSink {
+    /// Opens the output directory at a recovered checkpoint. `schema` is the
+    /// written schema and `projection` picks its columns from each batch.
+    pub fn new(
+        dir: &Path,
+        schema: SchemaRef,
+        projection: Vec<usize>,
+        compression: Compression,
+        rows_per_batch: usize,
+        rotate: RotateConfig,
+        checkpoint: Checkpoint,
+    ) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            schema,
+            projection,
+            compression,
+            rows_per_batch,
+            rotate,
+            progress: checkpoint.clone(),
+            durable: checkpoint,
+            rows: Vec::new(),
+            row_count: 0,
+            bytes: 0,
+            first_row_at: None,
+            dead: Vec::new(),
+            at_boundary: true,
+            last_unit: None,
+            marked: false,
+        }
+    }
+
+    /// Returns the checkpoint of the last commit.
+    pub fn durable(&self) -> &Checkpoint {
+        &self.durable
+    }
+
+    /// Holds a batch's rows and rejections for the next commit and records
+    /// its progress marks.
+    pub fn write(&mut self, batch: Batch) {
+        let source = match batch.marks.as_slice() {
+            [] => self.last_unit.as_deref().unwrap_or("").to_string(),
+            [only] => only.unit.to_string(),
+            several => {
+                let mut units: Vec<&str> = several.iter().map(|mark| &*mark.unit).collect();
+                units.dedup();
+                units.join(" ")
+            }
+        };
+        for rejected in batch.rejected {
+            self.dead.push((rejected, source.clone()));
+        }
+        for mark in &batch.marks {
+            self.progress.apply(mark);
+            self.marked = true;
+        }
+        if let Some(mark) = batch.marks.last() {
+            self.last_unit = Some(mark.unit.clone());
+        }
+        if batch.data.num_rows() > 0 {
+            self.row_count += batch.data.num_rows() as u64;
+            self.bytes += batch.data.get_array_memory_size() as u64;
+            self.first_row_at.get_or_insert_with(Instant::now);
+            self.rows.push(batch.data);
+        }
+        self.at_boundary = batch.ends_source_batch;
+    }
+
+    /// Whether anything is held that a commit would write.
+    pub fn has_pending(&self) -> bool {
+        self.row_count > 0 || !self.dead.is_empty() || self.marked
+    }
+
+    /// Whether a commit may happen now: at the end of a source batch.
+    pub fn at_boundary(&self) -> bool {
+        self.at_boundary
+    }
+
+    /// Whether the open file reached a rotation limit. Until the end of a
+    /// source batch arrives, the file may go past it.
+    pub fn is_full(&self) -> bool {
+        self.row_count >= self.rotate.rows
+            || self.bytes >= self.rotate.bytes
+            || self.first_row_at.is_some_and(|at| at.elapsed() >= Duration::from_millis(self.rotate.age_ms))
+    }
+
+    /// Returns when the open file reaches its age limit, if it has rows.
+    pub fn age_deadline(&self) -> Option<Instant> {
+        self.first_row_at.map(|at| at + Duration::from_millis(self.rotate.age_ms))
+    }
+
+    /// Commits what is held (see the module documentation). On failure,
+    /// nothing is lost and the commit can be tried again.
+    pub fn commit(&mut self) -> Result<Option<Committed>, SinkError> {
+        if !self.has_pending() {
+            return Ok(None);
+        }
+        let number = self.durable.next_file;
+        let mut next = self.progress.clone();
+        let has_rows = self.row_count > 0;
+        let has_dead = !self.dead.is_empty();
+        if has_rows || has_dead {
+            next.next_file = number + 1;
+        }
+        let footer = next.to_json();
+        let mut committed = Committed { rows: self.row_count, dead_letters: self.dead.len() as u64, ..Default::default() };
+
+        if has_dead {
+            let path = self.dir.join(dead_letter_name(number));
+            let schema = dead_letter_schema();
+            let columns = (0..schema.fields().len()).collect();
+            let mut file = ArrowFileSink::create(&path, schema, columns, Compression::None, self.rows_per_batch)?;
+            file.write(&self.dead_letter_batch())?;
+            if !has_rows {
+                file.set_footer_metadata(FOOTER_KEY, footer.clone());
+            }
+            file.finish()?;
+            committed.files.push((path.clone(), file_size(&path)));
+        }
+        if has_rows {
+            let path = self.dir.join(part_name(number));
+            let mut file = ArrowFileSink::create(
+                &path,
+                self.schema.clone(),
+                self.projection.clone(),
+                self.compression,
+                self.rows_per_batch,
+            )?;
+            for batch in &self.rows {
+                file.write(batch)?;
+            }
+            file.set_footer_metadata(FOOTER_KEY, footer);
+            file.finish()?;
+            committed.files.push((path.clone(), file_size(&path)));
+        }
+        next.save(&self.dir).map_err(|err| SinkError::Target { path: self.dir.clone(), message: err.to_string() })?;
+
+        self.durable = next.clone();
+        self.progress.next_file = next.next_file;
+        self.rows.clear();
+        self.row_count = 0;
+        self.bytes = 0;
+        self.first_row_at = None;
+        self.dead.clear();
+        self.marked = false;
+        committed.checkpoint = next;
+        Ok(Some(committed))
+    }
+
+    fn dead_letter_batch(&self) -> RecordBatch {
+        let keys = StringArray::from_iter_values(self.dead.iter().map(|(r, _)| r.key.as_str()));
+        let sources = StringArray::from_iter_values(self.dead.iter().map(|(_, source)| source.as_str()));
+        let stages = StringArray::from_iter_values(self.dead.iter().map(|(r, _)| r.component.as_str()));
+        let errors = StringArray::from_iter_values(self.dead.iter().map(|(r, _)| r.reason.as_str()));
+        RecordBatch::try_new(
+            dead_letter_schema(),
+            vec![Arc::new(keys), Arc::new(sources), Arc::new(stages), Arc::new(errors)],
+        )
+        .expect("the dead-letter columns match their schema")
+    }
+}
+
+/// Columns of a dead-letter file: the record key, the input unit it came
+/// from, the source or stage that rejected it, and why.
+pub fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, false),
+    ]))
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
