@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod model;
 pub mod rng;
 pub mod runtime;

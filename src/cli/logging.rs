@@ -12,16 +12,23 @@ use tracing_subscriber::fmt::MakeWriter;
 
 static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
+/// Format of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, with the event's fields and spans.
+    Json,
+}
+
 /// Installs the subscriber.
-pub fn init() {
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("STOCHFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn,stochflow=info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(BarAwareWriter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(BarAwareWriter).with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 /// Makes log lines print above `bar` until [`clear_bar`].

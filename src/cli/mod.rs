@@ -1,8 +1,10 @@
-//! The command-line interface: `run`, `validate` and `inspect`.
+//! The command-line interface: `run`, `daemon`, `validate` and `inspect`.
 //!
 //! Exit codes: 0 success; 1 an error stopped the command; 2 the run finished
 //! but skipped records; 130 (SIGINT) or 143 (SIGTERM) the run was stopped by
-//! a signal and committed what it had finished.
+//! a signal and committed what it had finished. The daemon exits with 0
+//! after a stop signal once it has committed everything it read, and with
+//! 130 or 143 on a second stop signal.
 
 mod inspect;
 mod logging;
@@ -20,6 +22,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,6 +39,16 @@ enum Command {
         /// Output file, in place of the sink's `path` (relative to the working directory).
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Run a pipeline as a service over a watched directory or a socket,
+    /// writing rotated files with a checkpoint, until SIGTERM or SIGINT.
+    /// SIGHUP reloads the pipeline file.
+    Daemon {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+        /// Seed for every random draw, in place of the file's `seed`.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Check a pipeline file, its data and its models without running it.
     Validate {
@@ -61,9 +76,10 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    logging::init();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run { pipeline, seed, output } => run::run(&pipeline, seed, output.as_deref()),
+        Command::Daemon { pipeline, seed } => crate::daemon::run(&pipeline, seed),
         Command::Validate { pipeline } => validate::validate(&pipeline),
         Command::Inspect { model } => inspect::inspect(&model),
     };

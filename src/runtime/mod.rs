@@ -6,6 +6,6 @@ mod execute;
 mod plan;
 mod rebatch;
 
-pub use execute::{Counters, RunError, Summary, execute};
 pub use chain::{ChainOptions, StageObserver, spawn_stages};
+pub use execute::{Counters, RunError, Summary, execute};
 pub use plan::{Pipeline, PlanError, PlannedStages, error_chain, plan, plan_stages};

@@ -87,7 +87,11 @@ pub fn plan(loaded: &LoadedConfig) -> Result<Pipeline, PlanError> {
 
 /// Plans the stages and the output of a loaded file against the schema and
 /// key column of the batches its source yields.
-pub fn plan_stages(loaded: &LoadedConfig, mut schema: SchemaRef, key_column: String) -> Result<PlannedStages, PlanError> {
+pub fn plan_stages(
+    loaded: &LoadedConfig,
+    mut schema: SchemaRef,
+    key_column: String,
+) -> Result<PlannedStages, PlanError> {
     let config = &loaded.config;
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut stage_inputs = Vec::new();

@@ -170,7 +170,10 @@ pub fn recover(dir: &Path) -> Result<Checkpoint, CheckpointError> {
                 break;
             }
             None => {
-                return Err(CheckpointError::Invalid { path: part, message: String::from("its footer has no checkpoint") });
+                return Err(CheckpointError::Invalid {
+                    path: part,
+                    message: String::from("its footer has no checkpoint"),
+                });
             }
         }
     }

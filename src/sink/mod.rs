@@ -9,4 +9,4 @@ mod rotating;
 pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
 pub use images::ImageSink;
 pub use output::Sink;
-pub use rotating::{Committed, RotatingSink, dead_letter_schema};
+pub use rotating::{Committed, FileFormat, RotatingSink, dead_letter_schema};

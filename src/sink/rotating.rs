@@ -28,24 +28,34 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::checkpoint::{Checkpoint, FOOTER_KEY, dead_letter_name, part_name};
 use super::{ArrowFileSink, SinkError};
-use crate::batch::{Batch, Rejected};
+use crate::batch::{Batch, Keys, Rejected, SAMPLE_COLUMN};
 use crate::config::{Compression, RotateConfig};
 
 /// What one commit wrote.
 #[derive(Debug, Default)]
 pub struct Committed {
+    /// Paths and sizes in bytes of the files committed.
     pub files: Vec<(PathBuf, u64)>,
+    pub records: u64,
     pub rows: u64,
-    pub dead_letters: u64,
+    /// The rejected records, by the source or stage that rejected them.
+    pub dead_letters: Vec<String>,
     pub checkpoint: Checkpoint,
+}
+
+/// How output files are written.
+pub struct FileFormat {
+    /// The written schema.
+    pub schema: SchemaRef,
+    /// Indices of the written columns in each batch.
+    pub projection: Vec<usize>,
+    pub compression: Compression,
+    pub rows_per_batch: usize,
 }
 
 pub struct RotatingSink {
     dir: PathBuf,
-    schema: SchemaRef,
-    projection: Vec<usize>,
-    compression: Compression,
-    rows_per_batch: usize,
+    format: FileFormat,
     rotate: RotateConfig,
     /// The checkpoint of the last commit.
     durable: Checkpoint,
@@ -54,7 +64,7 @@ pub struct RotatingSink {
     rows: Vec<RecordBatch>,
     row_count: u64,
     bytes: u64,
-    first_row_at: Option<Instant>,
+    pending_since: Option<Instant>,
     dead: Vec<(Rejected, String)>,
     /// Whether the last batch ended a source batch; see [`Batch::ends_source_batch`].
     at_boundary: bool,
@@ -62,37 +72,32 @@ pub struct RotatingSink {
     last_unit: Option<Arc<str>>,
     /// Whether marks arrived since the last commit.
     marked: bool,
+    key_column: String,
+    /// Records held: rows, or runs of one key after a fan-out.
+    record_count: u64,
+    last_key: Option<String>,
 }
 
 impl RotatingSink {
-    /// Opens the output directory at a recovered checkpoint. `schema` is the
-    /// written schema and `projection` picks its columns from each batch.
-    pub fn new(
-        dir: &Path,
-        schema: SchemaRef,
-        projection: Vec<usize>,
-        compression: Compression,
-        rows_per_batch: usize,
-        rotate: RotateConfig,
-        checkpoint: Checkpoint,
-    ) -> Self {
+    /// Opens the output directory at a recovered checkpoint.
+    pub fn new(dir: &Path, format: FileFormat, rotate: RotateConfig, checkpoint: Checkpoint, key_column: &str) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            schema,
-            projection,
-            compression,
-            rows_per_batch,
+            format,
             rotate,
             progress: checkpoint.clone(),
             durable: checkpoint,
             rows: Vec::new(),
             row_count: 0,
             bytes: 0,
-            first_row_at: None,
+            pending_since: None,
             dead: Vec::new(),
             at_boundary: true,
             last_unit: None,
             marked: false,
+            key_column: key_column.to_string(),
+            record_count: 0,
+            last_key: None,
         }
     }
 
@@ -113,6 +118,9 @@ impl RotatingSink {
                 units.join(" ")
             }
         };
+        if batch.data.num_rows() > 0 || !batch.rejected.is_empty() || !batch.marks.is_empty() {
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
         for rejected in batch.rejected {
             self.dead.push((rejected, source.clone()));
         }
@@ -124,12 +132,32 @@ impl RotatingSink {
             self.last_unit = Some(mark.unit.clone());
         }
         if batch.data.num_rows() > 0 {
+            self.record_count += self.count_records(&batch.data);
             self.row_count += batch.data.num_rows() as u64;
             self.bytes += batch.data.get_array_memory_size() as u64;
-            self.first_row_at.get_or_insert_with(Instant::now);
             self.rows.push(batch.data);
         }
         self.at_boundary = batch.ends_source_batch;
+    }
+
+    /// Counts the records among a batch's rows. After a fan-out, a record's
+    /// rows are contiguous, so a record starts wherever the key changes.
+    fn count_records(&mut self, data: &RecordBatch) -> u64 {
+        if data.column_by_name(SAMPLE_COLUMN).is_none() {
+            return data.num_rows() as u64;
+        }
+        let Some(keys) = Keys::new(data, &self.key_column) else {
+            return data.num_rows() as u64;
+        };
+        let mut records = 0;
+        for row in 0..data.num_rows() {
+            let key = keys.get(row);
+            if self.last_key.as_deref() != Some(key.as_str()) {
+                records += 1;
+                self.last_key = Some(key);
+            }
+        }
+        records
     }
 
     /// Whether anything is held that a commit would write.
@@ -147,12 +175,12 @@ impl RotatingSink {
     pub fn is_full(&self) -> bool {
         self.row_count >= self.rotate.rows
             || self.bytes >= self.rotate.bytes
-            || self.first_row_at.is_some_and(|at| at.elapsed() >= Duration::from_millis(self.rotate.age_ms))
+            || self.pending_since.is_some_and(|at| at.elapsed() >= Duration::from_millis(self.rotate.age_ms))
     }
 
-    /// Returns when the open file reaches its age limit, if it has rows.
+    /// Returns when what is held reaches the age limit, if anything is held.
     pub fn age_deadline(&self) -> Option<Instant> {
-        self.first_row_at.map(|at| at + Duration::from_millis(self.rotate.age_ms))
+        self.pending_since.map(|at| at + Duration::from_millis(self.rotate.age_ms))
     }
 
     /// Commits what is held (see the module documentation). On failure,
@@ -169,13 +197,19 @@ impl RotatingSink {
             next.next_file = number + 1;
         }
         let footer = next.to_json();
-        let mut committed = Committed { rows: self.row_count, dead_letters: self.dead.len() as u64, ..Default::default() };
+        let mut committed = Committed {
+            records: self.record_count,
+            rows: self.row_count,
+            dead_letters: self.dead.iter().map(|(rejected, _)| rejected.component.clone()).collect(),
+            ..Default::default()
+        };
 
         if has_dead {
             let path = self.dir.join(dead_letter_name(number));
             let schema = dead_letter_schema();
             let columns = (0..schema.fields().len()).collect();
-            let mut file = ArrowFileSink::create(&path, schema, columns, Compression::None, self.rows_per_batch)?;
+            let mut file =
+                ArrowFileSink::create(&path, schema, columns, Compression::None, self.format.rows_per_batch)?;
             file.write(&self.dead_letter_batch())?;
             if !has_rows {
                 file.set_footer_metadata(FOOTER_KEY, footer.clone());
@@ -185,12 +219,13 @@ impl RotatingSink {
         }
         if has_rows {
             let path = self.dir.join(part_name(number));
+            let format = &self.format;
             let mut file = ArrowFileSink::create(
                 &path,
-                self.schema.clone(),
-                self.projection.clone(),
-                self.compression,
-                self.rows_per_batch,
+                format.schema.clone(),
+                format.projection.clone(),
+                format.compression,
+                format.rows_per_batch,
             )?;
             for batch in &self.rows {
                 file.write(batch)?;
@@ -204,9 +239,10 @@ impl RotatingSink {
         self.durable = next.clone();
         self.progress.next_file = next.next_file;
         self.rows.clear();
+        self.record_count = 0;
         self.row_count = 0;
         self.bytes = 0;
-        self.first_row_at = None;
+        self.pending_since = None;
         self.dead.clear();
         self.marked = false;
         committed.checkpoint = next;

@@ -80,13 +80,7 @@ impl WatchSource {
                 message: format!("{} is not a directory; create it or fix the path", config.path.display()),
             });
         }
-        Ok(Self {
-            config: config.clone(),
-            pattern,
-            candidates: HashMap::new(),
-            started: HashSet::new(),
-            schema: None,
-        })
+        Ok(Self { config: config.clone(), pattern, candidates: HashMap::new(), started: HashSet::new(), schema: None })
     }
 
     pub fn directory(&self) -> &Path {
@@ -134,6 +128,8 @@ impl WatchSource {
         stop: &AtomicBool,
         on_records: &dyn Fn(u64),
     ) -> Result<(), SourceError> {
+        // A file cut short by the previous stop resumes from `durable`.
+        self.started.clear();
         while !stop.load(Ordering::Relaxed) {
             for name in self.settled_files(durable)? {
                 if stop.load(Ordering::Relaxed) {
@@ -292,7 +288,8 @@ impl WatchSource {
                 // The checkpoint falls inside this batch, which happens only
                 // when the read batch size changed since it was written.
                 let skip = (resume - start) as usize;
-                batch.data = batch.data.slice(skip.min(batch.data.num_rows()), batch.data.num_rows().saturating_sub(skip));
+                batch.data =
+                    batch.data.slice(skip.min(batch.data.num_rows()), batch.data.num_rows().saturating_sub(skip));
             }
             on_records(records.min(position - resume));
             batch.marks.push(Mark { unit: unit.clone(), records: position, complete: false });
@@ -345,7 +342,8 @@ impl FileReader {
                     return column.clone();
                 }
                 let ordinals = column.as_primitive::<Int64Type>();
-                let keys: StringArray = (0..ordinals.len()).map(|i| Some(format!("{name}:{}", ordinals.value(i)))).collect();
+                let keys: StringArray =
+                    (0..ordinals.len()).map(|i| Some(format!("{name}:{}", ordinals.value(i)))).collect();
                 Arc::new(keys) as ArrayRef
             })
             .collect();

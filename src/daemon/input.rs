@@ -1,0 +1,63 @@
+//! The daemon's input: a watched directory or a socket.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arrow::datatypes::SchemaRef;
+use tokio::sync::{mpsc, watch};
+
+use crate::batch::Batch;
+use crate::config::SourceConfig;
+use crate::sink::checkpoint::Checkpoint;
+use crate::source::{SourceError, WatchSource};
+
+pub enum Input {
+    Watch(WatchSource),
+}
+
+impl Input {
+    /// Opens the configured input: checks the directory, or binds the socket.
+    pub fn open(config: &SourceConfig, _durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
+        match config {
+            SourceConfig::Watch(c) => Ok(Input::Watch(WatchSource::new(c)?)),
+            other => Err(SourceError::Config {
+                path: String::from("source.kind"),
+                message: format!(
+                    "the daemon reads from a `watch` or `socket` source, not {}; use `stochflow run` for a finite source",
+                    other.kind()
+                ),
+            }),
+        }
+    }
+
+    /// Returns the source kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Input::Watch(_) => "watch",
+        }
+    }
+
+    /// Waits for the first input and returns its schema and key column.
+    pub fn wait_for_schema(
+        &mut self,
+        durable: &Checkpoint,
+        stop: &AtomicBool,
+    ) -> Result<Option<(SchemaRef, String)>, SourceError> {
+        match self {
+            Input::Watch(source) => source.wait_for_schema(durable, stop),
+        }
+    }
+
+    /// Reads until `stop` is set or the output closes.
+    pub fn run(
+        &mut self,
+        durable: &Checkpoint,
+        output: &mpsc::Sender<Batch>,
+        stop: &AtomicBool,
+        on_records: &dyn Fn(u64),
+    ) -> Result<(), SourceError> {
+        match self {
+            Input::Watch(source) => source.run(durable, output, stop, on_records),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! `stochflow daemon`: a pipeline run as a service over endless input, with
+//! rotated output files, a checkpoint, dead letters, health and metrics.
+
+pub mod http;
+mod input;
+pub mod metrics;
+mod service;
+
+pub use service::run;

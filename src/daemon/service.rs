@@ -1,0 +1,521 @@
+//! The daemon's life cycle: recovery, generations of the pipeline, signals.
+//!
+//! A generation is one planned pipeline running over the input. It ends on a
+//! stop signal, or on SIGHUP when the reloaded file plans without problems;
+//! either way intake stops, the batches in flight are finished and
+//! committed, and the checkpoint is written. A reload then starts the next
+//! generation from that checkpoint. A second stop signal exits at once, and
+//! the next start resumes from the last checkpoint.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::http::{self, Health};
+use super::input::Input;
+use super::metrics::Metrics;
+use crate::batch::Batch;
+use crate::config::{self, ConfigProblem, LoadedConfig, SinkConfig};
+use crate::runtime::{self, ChainOptions, PlannedStages, RunError, StageObserver, error_chain};
+use crate::sink::checkpoint::{self, Checkpoint};
+use crate::sink::{FileFormat, RotatingSink, SinkError};
+
+/// Exit code of a stop whose drain did not finish in time.
+const EXIT_DRAIN_TIMEOUT: u8 = 1;
+
+/// Requests from the signal handler.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    /// SIGTERM or SIGINT, with the exit code a second one uses.
+    Stop(u8),
+    /// SIGHUP.
+    Reload,
+}
+
+/// What the daemon shares between generations.
+struct Shared {
+    pipeline_file: PathBuf,
+    seed: Option<u64>,
+    output_dir: PathBuf,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    durable: watch::Sender<Arc<Checkpoint>>,
+}
+
+/// How a generation ended.
+enum Next {
+    Stop,
+    Reload(Box<(LoadedConfig, PlannedStages)>),
+}
+
+/// Runs the daemon until a stop signal; returns 0 after a clean drain.
+pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> {
+    let loaded = load(pipeline_file, seed)?;
+    let SinkConfig::ArrowFile(sink) = &loaded.config.sink;
+    let output_dir = sink.path.clone();
+    let checkpoint = checkpoint::recover(&output_dir)?;
+    tracing::info!(
+        pipeline = %pipeline_file.display(),
+        output = %output_dir.display(),
+        next_file = checkpoint.next_file,
+        units_durable = checkpoint.units.len(),
+        "daemon starting"
+    );
+
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(async move {
+        let (durable, durable_rx) = watch::channel(Arc::new(checkpoint.clone()));
+        let shared = Arc::new(Shared {
+            pipeline_file: pipeline_file.to_path_buf(),
+            seed,
+            output_dir,
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::new()),
+            durable,
+        });
+        let (control_tx, control) = mpsc::channel(4);
+        tokio::spawn(watch_signals(control_tx));
+        let http_server = match &loaded.config.daemon.http {
+            Some(address) => {
+                let address: SocketAddr = address.parse().expect("the address is checked when the file is loaded");
+                let listener = http::bind(address).await?;
+                let (metrics, health) = (shared.metrics.clone(), shared.health.clone());
+                Some(tokio::spawn(http::serve(listener, metrics, health, std::future::pending())))
+            }
+            None => None,
+        };
+
+        let input = Input::open(&loaded.config.source, durable_rx).map_err(|err| {
+            anyhow::anyhow!(
+                loaded.error(vec![ConfigProblem::new(err.config_path().unwrap_or("source.path"), error_chain(&err))])
+            )
+        })?;
+        let code = supervise(shared.clone(), loaded, input, checkpoint, control).await?;
+        if let Some(server) = http_server {
+            server.abort();
+        }
+        Ok(code)
+    })
+}
+
+/// Runs generation after generation until a stop.
+async fn supervise(
+    shared: Arc<Shared>,
+    mut loaded: LoadedConfig,
+    mut input: Input,
+    mut checkpoint: Checkpoint,
+    mut control: mpsc::Receiver<Control>,
+) -> anyhow::Result<ExitCode> {
+    shared.health.set_ready(true, "");
+    shared.metrics.set_accepting(true);
+    let (returned, found) = wait_for_schema(&shared, &mut loaded, input, &checkpoint, &mut control).await?;
+    input = returned;
+    let Some((schema, key_column)) = found else {
+        tracing::info!("daemon stopped before any input arrived");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut planned = runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?;
+    loop {
+        let (returned, durable, next) =
+            run_generation(&shared, &loaded, planned, input, checkpoint, &mut control, &schema, &key_column).await?;
+        input = returned;
+        checkpoint = durable;
+        match next {
+            Next::Stop => {
+                tracing::info!(
+                    next_file = checkpoint.next_file,
+                    "daemon stopped after committing every record it read"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Next::Reload(reloaded) => {
+                (loaded, planned) = *reloaded;
+                tracing::info!(pipeline = %shared.pipeline_file.display(), "reloaded pipeline running");
+            }
+        }
+    }
+}
+
+/// Waits for the first input, whose schema the stages are planned against.
+/// A reload while waiting replaces the configuration if it loads. Returns
+/// no schema on a stop signal. The input moves to a blocking thread and
+/// comes back.
+async fn wait_for_schema(
+    shared: &Shared,
+    loaded: &mut LoadedConfig,
+    mut input: Input,
+    checkpoint: &Checkpoint,
+    control: &mut mpsc::Receiver<Control>,
+) -> anyhow::Result<(Input, Option<(SchemaRef, String)>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    tracing::info!("waiting for the first input");
+    let waiting = {
+        let stop = stop.clone();
+        let checkpoint = checkpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = input.wait_for_schema(&checkpoint, &stop);
+            (input, result)
+        })
+    };
+    tokio::pin!(waiting);
+    loop {
+        tokio::select! {
+            joined = &mut waiting => {
+                let (input, result) = joined?;
+                return Ok((input, result?));
+            }
+            Some(request) = control.recv() => match request {
+                Control::Stop(_) => {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Control::Reload => match load_for_reload(shared, loaded) {
+                    Ok(new) => {
+                        *loaded = new;
+                        shared.metrics.reload(true);
+                        tracing::info!("pipeline file reloaded; it is planned when the first input arrives");
+                    }
+                    Err(err) => reject_reload(shared, &err),
+                },
+            }
+        }
+    }
+}
+
+/// Runs one generation; returns the input, the durable checkpoint and what
+/// comes next.
+#[allow(clippy::too_many_arguments)]
+async fn run_generation(
+    shared: &Arc<Shared>,
+    loaded: &LoadedConfig,
+    planned: PlannedStages,
+    mut input: Input,
+    checkpoint: Checkpoint,
+    control: &mut mpsc::Receiver<Control>,
+    schema: &SchemaRef,
+    key_column: &str,
+) -> anyhow::Result<(Input, Checkpoint, Next)> {
+    let config = &loaded.config;
+    let SinkConfig::ArrowFile(sink_config) = &config.sink;
+    let stop = Arc::new(AtomicBool::new(false));
+    let capacity = planned.channel_capacity;
+    let (source_tx, source_rx) = mpsc::channel::<Batch>(capacity);
+    let intake_depth = source_tx.downgrade();
+
+    let source_task = {
+        let stop = stop.clone();
+        let metrics = shared.metrics.clone();
+        let durable = checkpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let _span = tracing::info_span!("source").entered();
+            let kind = input.kind();
+            let result = input.run(&durable, &source_tx, &stop, &|records| metrics.records_in(kind, records));
+            (input, result)
+        })
+    };
+
+    let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+    let observer: Arc<dyn StageObserver> = Arc::new(MetricsObserver(shared.metrics.clone()));
+    let options = ChainOptions {
+        channel_capacity: capacity,
+        max_delay: Some(Duration::from_millis(config.daemon.max_delay_ms)),
+        observer: Some(observer),
+    };
+    let sink_rx = runtime::spawn_stages(&mut tasks, &planned.stages, planned.stage_inputs.clone(), source_rx, &options);
+    let format = FileFormat {
+        schema: planned.output_schema.clone(),
+        projection: planned.projection.clone(),
+        compression: sink_config.compression,
+        rows_per_batch: sink_config.rows_per_batch,
+    };
+    let sink =
+        RotatingSink::new(&shared.output_dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
+    let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth));
+
+    // Run until a stop, an accepted reload or a failure.
+    let mut next = None;
+    let mut failure: Option<anyhow::Error> = None;
+    while next.is_none() && failure.is_none() {
+        tokio::select! {
+            Some(request) = control.recv() => match request {
+                Control::Stop(_) => {
+                    tracing::info!("stop signal received; finishing the records in flight, send it again to exit at once");
+                    next = Some(Next::Stop);
+                }
+                Control::Reload => match reload(shared, loaded, schema, key_column) {
+                    Ok((new, new_planned)) => {
+                        tracing::info!("pipeline file reloaded; finishing the records in flight under the old one");
+                        next = Some(Next::Reload(Box::new((new, new_planned))));
+                    }
+                    Err(err) => reject_reload(shared, &err),
+                },
+            },
+            Some(joined) = tasks.join_next() => {
+                if let Ok(Err(err)) | Err(err) = joined.map_err(|err| RunError::Task(err.to_string())) {
+                    failure = Some(err.into());
+                }
+            }
+        }
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    shared.health.set_ready(false, "draining");
+    let deadline = Duration::from_millis(config.daemon.drain_timeout_ms);
+    let drained = tokio::time::timeout(deadline, async {
+        let (input, source_result) = source_task.await?;
+        while let Some(joined) = tasks.join_next().await {
+            joined.map_err(|err| RunError::Task(err.to_string()))??;
+        }
+        let durable = sink_task.await??;
+        source_result?;
+        anyhow::Ok((input, durable))
+    })
+    .await;
+    if let Some(err) = failure {
+        tracing::error!(error = %format!("{err:#}"), "pipeline failed; committed output is kept and a restart resumes from it");
+        return Err(err);
+    }
+    let (input, durable) = match drained {
+        Ok(result) => result?,
+        Err(_elapsed) => {
+            tracing::error!(
+                timeout_ms = config.daemon.drain_timeout_ms,
+                "records in flight were not committed in time; exiting, and the next start resumes from the last checkpoint"
+            );
+            std::process::exit(i32::from(EXIT_DRAIN_TIMEOUT));
+        }
+    };
+    let next = next.expect("the loop ends with a next step or a failure");
+    if matches!(next, Next::Reload(..)) {
+        shared.health.set_ready(true, "");
+    }
+    Ok((input, durable, next))
+}
+
+/// Receives the pipeline's output, commits it as files rotate, and publishes
+/// each new checkpoint. Returns the checkpoint of the last commit.
+async fn run_sink(
+    mut sink: RotatingSink,
+    mut input: mpsc::Receiver<Batch>,
+    shared: Arc<Shared>,
+    intake: mpsc::WeakSender<Batch>,
+) -> Result<Checkpoint, SinkError> {
+    loop {
+        let deadline = sink.age_deadline().map(tokio::time::Instant::from_std);
+        let received = tokio::select! {
+            received = input.recv() => received,
+            _ = sleep_until(deadline) => {
+                if sink.at_boundary() {
+                    commit(&mut sink, &shared).await;
+                }
+                continue;
+            }
+        };
+        let Some(batch) = received else { break };
+        shared.metrics.queue_depth("sink", input.len());
+        if let Some(intake) = intake.upgrade() {
+            shared.metrics.queue_depth("intake", intake.max_capacity() - intake.capacity());
+        }
+        sink.write(batch);
+        if sink.is_full() && sink.at_boundary() {
+            commit(&mut sink, &shared).await;
+        }
+    }
+    commit(&mut sink, &shared).await;
+    Ok(sink.durable().clone())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Commits what the sink holds, retrying until it succeeds. While a commit
+/// fails (a full disk, say), the sink reads nothing, so the channels fill
+/// and intake stops: nothing accepted is lost.
+async fn commit(sink: &mut RotatingSink, shared: &Shared) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match tokio::task::block_in_place(|| sink.commit()) {
+            Ok(None) => return,
+            Ok(Some(committed)) => {
+                for (path, bytes) in &committed.files {
+                    let kind = if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("dead-")) {
+                        "dead_letters"
+                    } else {
+                        "output"
+                    };
+                    shared.metrics.file_committed(kind, *bytes);
+                    tracing::info!(file = %path.display(), bytes, "file committed");
+                }
+                for stage in &committed.dead_letters {
+                    shared.metrics.dead_lettered(stage, 1);
+                }
+                shared.metrics.records_written(committed.records, committed.rows);
+                if !shared.health.is_ready() {
+                    tracing::info!("commits succeed again; accepting input");
+                    shared.health.set_ready(true, "");
+                    shared.metrics.set_accepting(true);
+                }
+                shared.durable.send_replace(Arc::new(committed.checkpoint));
+                return;
+            }
+            Err(err) => {
+                let message = error_chain(&err);
+                tracing::error!(error = %message, retry_in_ms = delay.as_millis() as u64, "commit failed; input is paused until it succeeds");
+                shared.metrics.commit_failure();
+                shared.metrics.set_accepting(false);
+                shared.health.set_ready(false, &format!("cannot commit output: {message}"));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Loads the pipeline file with the daemon's checks.
+fn load(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<LoadedConfig> {
+    let loaded = config::load(pipeline_file, seed, None)?;
+    let problems = check(&loaded);
+    if !problems.is_empty() {
+        return Err(loaded.error(problems).into());
+    }
+    Ok(loaded)
+}
+
+/// Checks of the file that only the daemon needs.
+fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
+    let config = &loaded.config;
+    let mut problems = Vec::new();
+    if !config.source.is_endless() {
+        problems.push(ConfigProblem::new(
+            "source.kind",
+            format!(
+                "the daemon reads from a `watch` or `socket` source, not {}; use `stochflow run` for a finite source",
+                config.source.kind()
+            ),
+        ));
+    }
+    let SinkConfig::ArrowFile(sink) = &config.sink;
+    if sink.images.is_some() {
+        problems.push(ConfigProblem::new("sink.images", "the daemon writes Arrow files only; remove `sink.images`"));
+    }
+    if sink.path.is_file() {
+        problems.push(ConfigProblem::new(
+            "sink.path",
+            format!(
+                "{} is a file, but the daemon writes a directory of files; choose a directory",
+                sink.path.display()
+            ),
+        ));
+    }
+    let daemon = &config.daemon;
+    if let Some(address) = &daemon.http
+        && address.parse::<SocketAddr>().is_err()
+    {
+        problems.push(ConfigProblem::new(
+            "daemon.http",
+            format!("{address:?} is not an address such as 127.0.0.1:9464; set an IP address and port, or null"),
+        ));
+    }
+    for (key, value) in [
+        ("daemon.rotate.rows", daemon.rotate.rows),
+        ("daemon.rotate.bytes", daemon.rotate.bytes),
+        ("daemon.rotate.age_ms", daemon.rotate.age_ms),
+        ("daemon.drain_timeout_ms", daemon.drain_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.push(ConfigProblem::new(key, "must be at least 1"));
+        }
+    }
+    problems
+}
+
+/// Loads the pipeline file again for SIGHUP. The source and the output
+/// directory cannot change while the daemon runs.
+fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<LoadedConfig> {
+    let new = load(&shared.pipeline_file, shared.seed)?;
+    let as_json = |value: &crate::config::SourceConfig| serde_json::to_value(value).ok();
+    if as_json(&new.config.source) != as_json(&current.config.source) {
+        anyhow::bail!("the new file changes `source`, which needs a restart of the daemon");
+    }
+    let (SinkConfig::ArrowFile(new_sink), SinkConfig::ArrowFile(old_sink)) = (&new.config.sink, &current.config.sink);
+    if new_sink.path != old_sink.path {
+        anyhow::bail!("the new file changes `sink.path`, which needs a restart of the daemon");
+    }
+    if new.config.daemon.http != current.config.daemon.http {
+        anyhow::bail!("the new file changes `daemon.http`, which needs a restart of the daemon");
+    }
+    Ok(new)
+}
+
+/// Loads and plans the pipeline file again, against the running input's schema.
+fn reload(
+    shared: &Shared,
+    current: &LoadedConfig,
+    schema: &SchemaRef,
+    key_column: &str,
+) -> anyhow::Result<(LoadedConfig, PlannedStages)> {
+    let new = load_for_reload(shared, current)?;
+    let planned = runtime::plan_stages(&new, schema.clone(), key_column.to_string())?;
+    shared.metrics.reload(true);
+    Ok((new, planned))
+}
+
+fn reject_reload(shared: &Shared, err: &anyhow::Error) {
+    shared.metrics.reload(false);
+    tracing::error!(
+        pipeline = %shared.pipeline_file.display(),
+        error = %format!("{err:#}"),
+        "reload rejected; the running pipeline goes on unchanged"
+    );
+}
+
+/// Turns signals into control requests. A second stop signal exits at once.
+async fn watch_signals(control: mpsc::Sender<Control>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
+        tracing::warn!("cannot watch signals; stop the daemon with SIGKILL");
+        return;
+    };
+    let mut stopping = false;
+    loop {
+        let request = tokio::select! {
+            _ = interrupt.recv() => Control::Stop(crate::cli::EXIT_INTERRUPTED),
+            _ = terminate.recv() => Control::Stop(crate::cli::EXIT_TERMINATED),
+            _ = hangup.recv() => Control::Reload,
+        };
+        if let Control::Stop(code) = request {
+            if stopping {
+                tracing::warn!("second stop signal; exiting without committing the records in flight");
+                std::process::exit(i32::from(code));
+            }
+            stopping = true;
+        }
+        if control.send(request).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Feeds stage measurements to the metrics.
+struct MetricsObserver(Arc<Metrics>);
+
+impl StageObserver for MetricsObserver {
+    fn stage_batch(&self, stage: &str, model: bool, rows_in: usize, rows_out: usize, rejected: usize, seconds: f64) {
+        self.0.stage_batch(stage, rows_in, rows_out, rejected, seconds);
+        if model {
+            self.0.model_run(stage, seconds);
+        }
+    }
+}
