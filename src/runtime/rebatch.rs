@@ -193,6 +193,78 @@ mod tests {
         assert_eq!(cut(&batch, 6, 2), Some(9));
     }
 
+    fn ids(values: std::ops::Range<i32>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from_iter_values(values))]).unwrap()
+    }
+
+    fn marked(values: std::ops::Range<i32>, unit: &str) -> Batch {
+        let records = values.end as u64;
+        let mut batch = Batch::new(ids(values), Vec::new());
+        batch.marks.push(Mark { unit: Arc::from(unit), records, complete: false });
+        batch
+    }
+
+    /// Runs `rebatch` over `inputs` and collects what it sends.
+    async fn regroup(inputs: Vec<Batch>, size: usize, max_delay: Option<Duration>) -> Vec<Batch> {
+        let schema = ids(0..0).schema();
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let task = tokio::spawn(rebatch(rx, out_tx, size, schema, max_delay));
+        for input in inputs {
+            tx.send(input).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        let mut outputs = Vec::new();
+        while let Some(batch) = out_rx.recv().await {
+            outputs.push(batch);
+        }
+        outputs
+    }
+
+    #[tokio::test]
+    async fn marks_travel_with_last_row() {
+        let outputs = regroup(vec![marked(0..3, "a"), marked(3..7, "a")], 4, None).await;
+        let sizes: Vec<usize> = outputs.iter().map(|b| b.data.num_rows()).collect();
+        assert_eq!(sizes, [4, 3], "7 rows regroup into 4 + 3");
+        assert_eq!(outputs[0].marks.len(), 1, "the first mark (3 records) is within the first 4 rows");
+        assert_eq!(outputs[0].marks[0].records, 3);
+        assert!(!outputs[0].ends_source_batch, "row 4 is inside the second input batch");
+        assert_eq!(outputs[1].marks.len(), 1, "the second mark rides the batch with row 7");
+        assert_eq!(outputs[1].marks[0].records, 7);
+        assert!(outputs[1].ends_source_batch, "the last batch ends where the input ended");
+    }
+
+    #[tokio::test]
+    async fn rejections_stay_with_their_rows() {
+        let mut second = marked(4..8, "a");
+        second.rejected.push(Rejected {
+            key: String::from("9"),
+            component: String::from("source"),
+            reason: String::new(),
+        });
+        let outputs = regroup(vec![marked(0..4, "a"), second], 2, None).await;
+        let rejected: Vec<usize> = outputs.iter().map(|b| b.rejected.len()).collect();
+        assert_eq!(rejected, [0, 0, 0, 1], "the rejection waits for the batch ending its input batch");
+    }
+
+    #[tokio::test]
+    async fn max_delay_sends_partial_batch() {
+        let schema = ids(0..0).schema();
+        let (tx, rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::channel(4);
+        let task = tokio::spawn(rebatch(rx, out_tx, 64, schema, Some(Duration::from_millis(30))));
+        tx.send(marked(0..5, "a")).await.unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(5), out_rx.recv()).await;
+        let batch = sent.expect("the partial batch is sent after the delay").expect("the channel is open");
+        assert_eq!(batch.data.num_rows(), 5, "all pending rows are sent");
+        assert_eq!(batch.marks.len(), 1, "with their mark");
+        assert!(batch.ends_source_batch);
+        drop(tx);
+        task.await.unwrap();
+    }
+
     #[test]
     fn cut_waits_when_record_may_continue() {
         let batch = samples(vec![0, 1, 2, 0, 1]);

@@ -276,3 +276,102 @@ pub fn dead_letter_schema() -> SchemaRef {
 fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+
+    use super::*;
+    use crate::batch::Mark;
+    use crate::sink::checkpoint::{self, CHECKPOINT_FILE};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]))
+    }
+
+    fn sink(dir: &Path, rows: u64) -> RotatingSink {
+        let format =
+            FileFormat { schema: schema(), projection: vec![0], compression: Compression::None, rows_per_batch: 8 };
+        let rotate = RotateConfig { rows, bytes: u64::MAX, age_ms: 60_000 };
+        RotatingSink::new(dir, format, rotate, checkpoint::recover(dir).unwrap(), "id")
+    }
+
+    fn batch(ids: std::ops::Range<i64>, unit: &str, rejected: &[&str]) -> Batch {
+        let records = (ids.end + rejected.len() as i64) as u64;
+        let data = RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from_iter_values(ids))]).unwrap();
+        let rejected = rejected
+            .iter()
+            .map(|key| Rejected { key: key.to_string(), component: String::from("stage"), reason: String::from("bad") })
+            .collect();
+        let mut batch = Batch::new(data, rejected);
+        batch.marks.push(Mark { unit: Arc::from(unit), records, complete: false });
+        batch
+    }
+
+    #[test]
+    fn commit_writes_files_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink(dir.path(), 4);
+        sink.write(batch(0..5, "a.arrow", &["x"]));
+        assert!(sink.is_full(), "5 rows reach the 4-row limit");
+        let committed = sink.commit().unwrap().expect("there is something to commit");
+        assert_eq!(committed.rows, 5);
+        assert_eq!(committed.dead_letters, ["stage"]);
+        assert!(dir.path().join("part-00000000.arrow").is_file(), "the output file is committed");
+        assert!(dir.path().join("dead-00000000.arrow").is_file(), "the dead-letter file is committed");
+        let recovered = checkpoint::recover(dir.path()).unwrap();
+        assert_eq!(recovered.next_file, 1);
+        assert_eq!(recovered.progress("a.arrow").records, 6, "5 rows and 1 rejection are durable");
+        assert!(sink.commit().unwrap().is_none(), "nothing is left to commit");
+    }
+
+    #[test]
+    fn recovery_takes_newer_footer_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink(dir.path(), 4);
+        sink.write(batch(0..4, "a.arrow", &[]));
+        sink.commit().unwrap();
+        let first = std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap();
+        sink.write(batch(4..8, "a.arrow", &[]));
+        sink.commit().unwrap();
+        // A crash after the second file's rename, before its checkpoint.json.
+        std::fs::write(dir.path().join(CHECKPOINT_FILE), first).unwrap();
+        let recovered = checkpoint::recover(dir.path()).unwrap();
+        assert_eq!(recovered.next_file, 2, "the footer of part 1 is newer than checkpoint.json");
+        assert_eq!(recovered.progress("a.arrow").records, 8);
+    }
+
+    #[test]
+    fn recovery_removes_torn_and_orphan_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink(dir.path(), 4);
+        sink.write(batch(0..4, "a.arrow", &["x"]));
+        sink.commit().unwrap();
+        let checkpoint_text = std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap();
+        sink.write(batch(4..8, "a.arrow", &["y"]));
+        sink.commit().unwrap();
+        // A crash after dead-00000001 was renamed but before part-00000001 was.
+        std::fs::remove_file(dir.path().join("part-00000001.arrow")).unwrap();
+        std::fs::write(dir.path().join(CHECKPOINT_FILE), checkpoint_text).unwrap();
+        std::fs::write(dir.path().join("part-00000001.arrow.partial"), b"torn").unwrap();
+        let recovered = checkpoint::recover(dir.path()).unwrap();
+        assert_eq!(recovered.next_file, 1, "commit 1 did not finish");
+        assert!(!dir.path().join("dead-00000001.arrow").exists(), "the orphan dead-letter file is removed");
+        assert!(!dir.path().join("part-00000001.arrow.partial").exists(), "the torn file is removed");
+        assert!(dir.path().join("dead-00000000.arrow").exists(), "committed files stay");
+    }
+
+    #[test]
+    fn commit_only_when_marks_cover_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink(dir.path(), 1);
+        let mut inside = batch(0..2, "a.arrow", &[]);
+        inside.marks.clear();
+        inside.ends_source_batch = false;
+        sink.write(inside);
+        assert!(sink.is_full());
+        assert!(!sink.at_boundary(), "rows without a covering mark block a commit");
+        sink.write(batch(2..4, "a.arrow", &[]));
+        assert!(sink.at_boundary());
+    }
+}
