@@ -234,8 +234,14 @@ async fn run_generation(
         compression: sink_config.compression,
         rows_per_batch: sink_config.rows_per_batch,
     };
-    let sink =
+    let mut sink =
         RotatingSink::new(&shared.output_dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
+    if let crate::config::SourceConfig::Watch(watch) = &config.source {
+        // A file removed from the directory cannot come back under its
+        // name unless it is new, so the checkpoint forgets it.
+        let dir = watch.path.clone();
+        sink.prune_complete_units(Box::new(move |name| dir.join(name).exists()));
+    }
     let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth));
 
     // Run until a stop, an accepted reload or a failure.

@@ -73,6 +73,8 @@ pub struct RotatingSink {
     /// Whether marks arrived since the last commit.
     marked: bool,
     key_column: String,
+    /// Tells whether a complete unit is still kept in the checkpoint.
+    keep_complete: Option<Box<dyn Fn(&str) -> bool + Send>>,
     /// Records held: rows, or runs of one key after a fan-out.
     record_count: u64,
     last_key: Option<String>,
@@ -96,9 +98,16 @@ impl RotatingSink {
             last_unit: None,
             marked: false,
             key_column: key_column.to_string(),
+            keep_complete: None,
             record_count: 0,
             last_key: None,
         }
+    }
+
+    /// Drops complete units for which `keep` returns false from the
+    /// checkpoint at each commit, so that it does not grow without bound.
+    pub fn prune_complete_units(&mut self, keep: Box<dyn Fn(&str) -> bool + Send>) {
+        self.keep_complete = Some(keep);
     }
 
     /// Returns the checkpoint of the last commit.
@@ -190,6 +199,9 @@ impl RotatingSink {
             return Ok(None);
         }
         let number = self.durable.next_file;
+        if let Some(keep) = &self.keep_complete {
+            self.progress.units.retain(|unit, progress| !progress.complete || keep(unit));
+        }
         let mut next = self.progress.clone();
         let has_rows = self.row_count > 0;
         let has_dead = !self.dead.is_empty();

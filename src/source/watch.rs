@@ -74,10 +74,15 @@ impl WatchSource {
             path: String::from("source.read.path"),
             message: format!("invalid file name pattern {pattern_text:?}: {err}"),
         })?;
+        if !config.path.exists() {
+            std::fs::create_dir_all(&config.path)
+                .map_err(|source| SourceError::Io { path: config.path.clone(), source })?;
+            tracing::info!(directory = %config.path.display(), "created the watched directory");
+        }
         if !config.path.is_dir() {
             return Err(SourceError::Config {
                 path: String::from("source.path"),
-                message: format!("{} is not a directory; create it or fix the path", config.path.display()),
+                message: format!("{} is not a directory; choose a directory to watch", config.path.display()),
             });
         }
         Ok(Self { config: config.clone(), pattern, candidates: HashMap::new(), started: HashSet::new(), schema: None })
