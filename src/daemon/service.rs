@@ -208,7 +208,7 @@ async fn run_generation(
     let (source_tx, source_rx) = mpsc::channel::<Batch>(capacity);
     let intake_depth = source_tx.downgrade();
 
-    let source_task = {
+    let mut source_task = {
         let stop = stop.clone();
         let metrics = shared.metrics.clone();
         let durable = checkpoint.clone();
@@ -267,10 +267,30 @@ async fn run_generation(
                     failure = Some(err.into());
                 }
             }
+            joined = &mut source_task => {
+                // The input returns early only on an error or when a stage
+                // failed and closed the channel; the stage's error is the one
+                // worth reporting then.
+                failure = Some(match joined {
+                    Ok((_, Err(err))) => anyhow::Error::new(err).context("reading the input failed"),
+                    Ok((_, Ok(()))) => match tasks.join_next().await {
+                        Some(Ok(Err(err))) => err.into(),
+                        _ => anyhow::anyhow!("the input stopped unexpectedly"),
+                    },
+                    Err(err) => err.into(),
+                });
+            }
         }
     }
 
     stop.store(true, Ordering::Relaxed);
+    if let Some(err) = failure {
+        // What was committed stays; what was in flight is read again on the
+        // next start.
+        tasks.abort_all();
+        tracing::error!(error = %format!("{err:#}"), "pipeline failed; committed output is kept and a restart resumes from it");
+        return Err(err);
+    }
     shared.health.set_ready(false, "draining");
     let deadline = Duration::from_millis(config.daemon.drain_timeout_ms);
     let drained = tokio::time::timeout(deadline, async {
@@ -283,10 +303,6 @@ async fn run_generation(
         anyhow::Ok((input, durable))
     })
     .await;
-    if let Some(err) = failure {
-        tracing::error!(error = %format!("{err:#}"), "pipeline failed; committed output is kept and a restart resumes from it");
-        return Err(err);
-    }
     let (input, durable) = match drained {
         Ok(result) => result?,
         Err(_elapsed) => {

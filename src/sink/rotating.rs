@@ -43,6 +43,9 @@ pub struct Committed {
     pub checkpoint: Checkpoint,
 }
 
+/// Tells whether a complete input unit stays in the checkpoint.
+pub type KeepUnit = Box<dyn Fn(&str) -> bool + Send>;
+
 /// How output files are written.
 pub struct FileFormat {
     /// The written schema.
@@ -74,7 +77,7 @@ pub struct RotatingSink {
     marked: bool,
     key_column: String,
     /// Tells whether a complete unit is still kept in the checkpoint.
-    keep_complete: Option<Box<dyn Fn(&str) -> bool + Send>>,
+    keep_complete: Option<KeepUnit>,
     /// Records held: rows, or runs of one key after a fan-out.
     record_count: u64,
     last_key: Option<String>,
@@ -106,7 +109,7 @@ impl RotatingSink {
 
     /// Drops complete units for which `keep` returns false from the
     /// checkpoint at each commit, so that it does not grow without bound.
-    pub fn prune_complete_units(&mut self, keep: Box<dyn Fn(&str) -> bool + Send>) {
+    pub fn prune_complete_units(&mut self, keep: KeepUnit) {
         self.keep_complete = Some(keep);
     }
 
