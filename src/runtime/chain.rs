@@ -1,11 +1,15 @@
 //! The chain of stage tasks between a source and a sink.
 //!
-//! Each stage runs as its own task, joined to the next by a bounded channel
-//! of `channel_capacity` batches. A stage that wants batches of a fixed size
-//! gets a regrouping task in front of it. Each stage runs up to
-//! `concurrency()` batches at once on blocking threads and emits results in
-//! input order, so the output order equals the input order whatever the
-//! parallelism.
+//! A stage that wants batches of a fixed size (the model stage) gets a
+//! regrouping task in front of it. The stages from one regrouping to the next
+//! form a segment, and a segment runs as one task: each batch goes through
+//! all its stages in one call on a blocking thread, so a batch changes
+//! threads once per segment rather than once per stage. A segment runs up to
+//! the largest `concurrency()` of its stages batches at once, and emits
+//! results in input order, so the output order equals the input order
+//! whatever the parallelism. A model stage with fewer sessions than that
+//! makes the extra calls wait for a free session. Segments and regroupings
+//! are joined by bounded channels of `channel_capacity` batches.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,53 +50,51 @@ pub fn spawn_stages(
     options: &ChainOptions,
 ) -> mpsc::Receiver<Batch> {
     let mut rx = input;
-    for (stage, input_schema) in stages.iter().zip(stage_inputs) {
-        if let Some(size) = stage.batch_size() {
+    let mut start = 0;
+    while start < stages.len() {
+        if let Some(size) = stages[start].batch_size() {
             let (tx, next_rx) = mpsc::channel(options.channel_capacity);
             let upstream = std::mem::replace(&mut rx, next_rx);
-            let max_delay = options.max_delay;
+            let (max_delay, schema) = (options.max_delay, stage_inputs[start].clone());
             tasks.spawn(async move {
-                rebatch(upstream, tx, size, input_schema, max_delay).await;
+                rebatch(upstream, tx, size, schema, max_delay).await;
                 Ok(())
             });
         }
+        let mut end = start + 1;
+        while end < stages.len() && stages[end].batch_size().is_none() {
+            end += 1;
+        }
         let (tx, next_rx) = mpsc::channel(options.channel_capacity);
         let upstream = std::mem::replace(&mut rx, next_rx);
-        tasks.spawn(run_stage(stage.clone(), upstream, tx, options.observer.clone()));
+        tasks.spawn(run_segment(stages[start..end].to_vec(), upstream, tx, options.observer.clone()));
+        start = end;
     }
     rx
 }
 
-/// Runs one stage over its input, `concurrency()` batches at a time on
-/// blocking threads, sending results in input order.
-async fn run_stage(
-    stage: Arc<dyn Stage>,
+/// Runs a segment of stages over its input, up to the largest concurrency of
+/// its stages at a time on blocking threads, sending results in input order.
+async fn run_segment(
+    stages: Vec<Arc<dyn Stage>>,
     input: mpsc::Receiver<Batch>,
     output: mpsc::Sender<Batch>,
     observer: Option<Arc<dyn StageObserver>>,
 ) -> Result<(), RunError> {
-    let span = tracing::info_span!("stage", name = %stage.name());
-    let concurrency = stage.concurrency().max(1);
-    let model = stage.batch_size().is_some();
+    let concurrency = stages.iter().map(|stage| stage.concurrency()).max().unwrap_or(1).max(1);
+    let spans: Vec<tracing::Span> =
+        stages.iter().map(|stage| tracing::info_span!("stage", name = %stage.name())).collect();
+    let segment: Arc<[(Arc<dyn Stage>, tracing::Span)]> = stages.into_iter().zip(spans).collect();
     let mut results = ReceiverStream::new(input)
         .map(|batch| {
-            let stage = stage.clone();
-            let span = span.clone();
+            let segment = segment.clone();
             let observer = observer.clone();
             tokio::task::spawn_blocking(move || {
-                span.in_scope(|| {
-                    let Some(observer) = observer else { return stage.process(batch) };
-                    let started = Instant::now();
-                    let rows_in = batch.data.num_rows();
-                    let rejected_before = batch.rejected.len();
-                    let result = stage.process(batch);
-                    if let Ok(out) = &result {
-                        let rejected = out.rejected.len().saturating_sub(rejected_before);
-                        let seconds = started.elapsed().as_secs_f64();
-                        observer.stage_batch(stage.name(), model, rows_in, out.data.num_rows(), rejected, seconds);
-                    }
-                    result
-                })
+                let mut batch = batch;
+                for (stage, span) in segment.iter() {
+                    batch = span.in_scope(|| process(stage.as_ref(), batch, observer.as_deref()))?;
+                }
+                Ok::<_, crate::stage::StageError>(batch)
             })
         })
         .buffered(concurrency);
@@ -103,4 +105,30 @@ async fn run_stage(
         }
     }
     Ok(())
+}
+
+/// Runs one stage on one batch, and reports it to the observer.
+fn process(
+    stage: &dyn Stage,
+    batch: Batch,
+    observer: Option<&dyn StageObserver>,
+) -> Result<Batch, crate::stage::StageError> {
+    let Some(observer) = observer else { return stage.process(batch) };
+    let started = Instant::now();
+    let rows_in = batch.data.num_rows();
+    let rejected_before = batch.rejected.len();
+    let result = stage.process(batch);
+    if let Ok(out) = &result {
+        let rejected = out.rejected.len().saturating_sub(rejected_before);
+        let model = stage.batch_size().is_some();
+        observer.stage_batch(
+            stage.name(),
+            model,
+            rows_in,
+            out.data.num_rows(),
+            rejected,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    result
 }
