@@ -9,6 +9,10 @@ use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt64Type};
 /// Name of the sample-index column that fan-out stages add.
 pub const SAMPLE_COLUMN: &str = "sample";
 
+/// Name of the string column the daemon's sources add: the file or stream
+/// each record came from.
+pub const ORIGIN_COLUMN: &str = "origin";
+
 /// A batch of records plus the records that were rejected on the way.
 ///
 /// Rejected records travel with the batch that would have held them, so that
@@ -53,6 +57,16 @@ pub struct Rejected {
     /// The source or stage that rejected it.
     pub component: String,
     pub reason: String,
+    /// The file or stream the record came from, where the source tells.
+    pub origin: Option<String>,
+}
+
+/// Returns the origin of row `row`: its value in the origin column, if the
+/// batch has one.
+pub fn origin_of(data: &RecordBatch, row: usize) -> Option<String> {
+    let column = data.column_by_name(ORIGIN_COLUMN)?;
+    let strings = column.as_string_opt::<i32>()?;
+    strings.is_valid(row).then(|| strings.value(row).to_string())
 }
 
 impl fmt::Display for Rejected {

@@ -243,6 +243,7 @@ mod tests {
             key: String::from("9"),
             component: String::from("source"),
             reason: String::new(),
+            origin: None,
         });
         let outputs = regroup(vec![marked(0..4, "a"), second], 2, None).await;
         let rejected: Vec<usize> = outputs.iter().map(|b| b.rejected.len()).collect();

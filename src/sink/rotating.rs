@@ -134,7 +134,8 @@ impl RotatingSink {
             self.pending_since.get_or_insert_with(Instant::now);
         }
         for rejected in batch.rejected {
-            self.dead.push((rejected, source.clone()));
+            let origin = rejected.origin.clone().unwrap_or_else(|| source.clone());
+            self.dead.push((rejected, origin));
         }
         for mark in &batch.marks {
             self.progress.apply(mark);
@@ -316,7 +317,12 @@ mod tests {
         let data = RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from_iter_values(ids))]).unwrap();
         let rejected = rejected
             .iter()
-            .map(|key| Rejected { key: key.to_string(), component: String::from("stage"), reason: String::from("bad") })
+            .map(|key| Rejected {
+                key: key.to_string(),
+                component: String::from("stage"),
+                reason: String::from("bad"),
+                origin: None,
+            })
             .collect();
         let mut batch = Batch::new(data, rejected);
         batch.marks.push(Mark { unit: Arc::from(unit), records, complete: false });

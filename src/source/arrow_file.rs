@@ -193,6 +193,7 @@ impl ArrowFileSource {
                     key: keys.get(row),
                     component: String::from("source"),
                     reason: reason.clone(),
+                    origin: None,
                 })
             })
             .collect();

@@ -151,6 +151,7 @@ impl Source for ImagesSource {
                         key,
                         component: String::from("source"),
                         reason: format!("cannot read {}: {err}", path.display()),
+                        origin: None,
                     });
                 }
             }

@@ -13,7 +13,8 @@
 //! and how far the others are. A file that is complete in the checkpoint is
 //! skipped, and a partly durable one resumes after its durable records.
 //! Keys stay unique across files: where the `read` source would key records
-//! by ordinal, the key is `NAME:ORDINAL` in a string column `key`.
+//! by ordinal, the key is `NAME:ORDINAL` in a string column `key`. A string
+//! column `origin` holds each record's file name.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -26,7 +27,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use tokio::sync::mpsc;
 
 use super::{ORDINAL_COLUMN, Source, SourceError};
-use crate::batch::{Batch, Mark, Rejected};
+use crate::batch::{Batch, Mark, ORIGIN_COLUMN, Rejected};
 use crate::config::{SourceConfig, WatchSourceConfig};
 use crate::sink::checkpoint::Checkpoint;
 
@@ -203,21 +204,27 @@ impl WatchSource {
         }
         let inner = super::open(&read, 0)?;
         let inner_schema = inner.schema();
+        if inner_schema.field_with_name(ORIGIN_COLUMN).is_ok() {
+            return Err(SourceError::Format {
+                path: self.config.path.join(name),
+                format: "input",
+                message: format!(
+                    "it has a column named {ORIGIN_COLUMN:?}, which the daemon adds itself; leave it out with `read.columns`"
+                ),
+            });
+        }
         let rewrite_key = inner.key_column() == ORDINAL_COLUMN;
-        let (schema, key_column) = if rewrite_key {
-            let fields: Vec<Field> = inner_schema
-                .fields()
-                .iter()
-                .map(|field| match field.name() == ORDINAL_COLUMN {
-                    true => Field::new(WATCH_KEY_COLUMN, DataType::Utf8, false),
-                    false => field.as_ref().clone(),
-                })
-                .collect();
-            (Arc::new(Schema::new(fields)), WATCH_KEY_COLUMN.to_string())
-        } else {
-            (inner_schema, inner.key_column().to_string())
-        };
-        Ok(FileReader { inner, rewrite_key, schema, key_column })
+        let mut fields: Vec<Field> = inner_schema
+            .fields()
+            .iter()
+            .map(|field| match rewrite_key && field.name() == ORDINAL_COLUMN {
+                true => Field::new(WATCH_KEY_COLUMN, DataType::Utf8, false),
+                false => field.as_ref().clone(),
+            })
+            .collect();
+        fields.push(Field::new(ORIGIN_COLUMN, DataType::Utf8, false));
+        let key_column = if rewrite_key { WATCH_KEY_COLUMN.to_string() } else { inner.key_column().to_string() };
+        Ok(FileReader { inner, rewrite_key, schema: Arc::new(Schema::new(fields)), key_column })
     }
 
     /// Reads one file, skipping its first `resume` records, and sends its
@@ -235,7 +242,12 @@ impl WatchSource {
         let unit: Arc<str> = Arc::from(name);
         let reject_rest = |records: u64, reason: String| {
             let mut batch = Batch::new(RecordBatch::new_empty(self.expected_schema()), Vec::new());
-            batch.rejected.push(Rejected { key: name.to_string(), component: String::from("source"), reason });
+            batch.rejected.push(Rejected {
+                key: name.to_string(),
+                component: String::from("source"),
+                reason,
+                origin: Some(name.to_string()),
+            });
             batch.marks.push(Mark { unit: unit.clone(), records: records + 1, complete: true });
             batch
         };
@@ -328,22 +340,23 @@ impl WatchSource {
 }
 
 impl FileReader {
-    /// Rewrites ordinal keys to `NAME:ORDINAL`, in the rows and in the rejections.
+    /// Rewrites ordinal keys to `NAME:ORDINAL`, in the rows and in the
+    /// rejections, and adds the origin column.
     fn convert(&self, mut batch: Batch, name: &str) -> Batch {
-        if !self.rewrite_key {
-            return batch;
-        }
         for rejected in &mut batch.rejected {
-            rejected.key = format!("{name}:{}", rejected.key);
+            if self.rewrite_key {
+                rejected.key = format!("{name}:{}", rejected.key);
+            }
+            rejected.origin = Some(name.to_string());
         }
-        let columns: Vec<ArrayRef> = batch
+        let mut columns: Vec<ArrayRef> = batch
             .data
             .schema()
             .fields()
             .iter()
             .zip(batch.data.columns())
             .map(|(field, column)| {
-                if field.name() != ORDINAL_COLUMN {
+                if !self.rewrite_key || field.name() != ORDINAL_COLUMN {
                     return column.clone();
                 }
                 let ordinals = column.as_primitive::<Int64Type>();
@@ -352,7 +365,8 @@ impl FileReader {
                 Arc::new(keys) as ArrayRef
             })
             .collect();
-        batch.data = RecordBatch::try_new(self.schema.clone(), columns).expect("only the key column changes type");
+        columns.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(name, batch.data.num_rows()))));
+        batch.data = RecordBatch::try_new(self.schema.clone(), columns).expect("the columns match the file's schema");
         batch
     }
 }

@@ -127,7 +127,12 @@ pub fn reject_rows(mut batch: Batch, problems: Vec<Option<String>>, stage: &str,
     let keys = Keys::new(&batch.data, key_column).expect("the key column is checked when the pipeline is planned");
     for (row, problem) in problems.iter().enumerate() {
         if let Some(reason) = problem {
-            batch.rejected.push(Rejected { key: keys.get(row), component: stage.to_string(), reason: reason.clone() });
+            batch.rejected.push(Rejected {
+                key: keys.get(row),
+                component: stage.to_string(),
+                reason: reason.clone(),
+                origin: crate::batch::origin_of(&batch.data, row),
+            });
         }
     }
     let keep = BooleanArray::from(problems.iter().map(Option::is_none).collect::<Vec<_>>());

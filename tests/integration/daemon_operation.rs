@@ -312,14 +312,8 @@ fn dead_letters(files: &[Committed]) -> Vec<[String; 4]> {
 }
 
 /// Checks that a dead letter's `source` column names the input file `file`.
-///
-/// TODO: the sink labels a dead letter with every input file whose progress
-/// marks share its batch, separated by spaces, and the regrouping before an
-/// `infer` stage merges files. So this accepts `file` among those names, and
-/// the ignored test `dead_letter_names_one_source` expects it alone.
 fn assert_source(letter: &[String; 4], file: &str) {
-    let names: Vec<&str> = letter[1].split(' ').collect();
-    assert!(names.contains(&file), "the dead letter of {} names {file} as its source: {letter:?}", letter[0]);
+    assert_eq!(letter[1], file, "the dead letter of {} names its input file as its source: {letter:?}", letter[0]);
 }
 
 /// Returns the digits pipeline of the daemon, over `input` into `output`, with
@@ -631,7 +625,6 @@ fn truncated_png_is_dead_lettered() {
 }
 
 #[test]
-#[ignore = "the sink names every input file of a dead letter's batch as its source"]
 fn dead_letter_names_one_source() {
     let dirs = dirs();
     let port = free_port();

@@ -379,7 +379,10 @@ impl Stage for Aggregate {
                 None => self.summarize(data, (start, end), &mut out).err(),
             };
             match problem {
-                Some(reason) => rejected.push(Rejected { key, component: self.name.clone(), reason }),
+                Some(reason) => {
+                    let origin = crate::batch::origin_of(data, start);
+                    rejected.push(Rejected { key, component: self.name.clone(), reason, origin });
+                }
                 None => firsts.push(start as u32),
             }
         }
