@@ -6,6 +6,7 @@
 //! rejections, never dropped.
 
 mod arrow_file;
+mod convert;
 mod images;
 mod interpolate;
 mod latent;
