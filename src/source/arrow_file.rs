@@ -4,7 +4,7 @@
 //! which become float32 tensor columns of the configured shape. Lists of any
 //! numeric type are accepted there. A null row or a row of the wrong length
 //! is rejected with its key, and the run goes on. The conversion itself is
-//! in `convert.rs`.
+//! in `convert.rs`, shared with the socket source.
 
 use std::fs::File;
 

@@ -1,5 +1,6 @@
-//! Conversion of Arrow record batches into source batches: column
-//! projection, the key column and tensor columns.
+//! Conversion of Arrow record batches into source batches, shared by the
+//! `arrow_file` and `socket` sources: column projection, the key column and
+//! tensor columns.
 //!
 //! Columns pass through unchanged, except those listed under `tensors`,
 //! which become float32 tensor columns of the configured shape. Lists of any
@@ -9,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int64Array, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 
-use super::{ORDINAL_COLUMN, SourceError};
+use super::{ORDINAL_COLUMN, SourceError, WATCH_KEY_COLUMN};
 use crate::batch::{Batch, Keys, Rejected};
 use crate::config::TensorShapeConfig;
 use crate::tensor::{self, ElementType, TensorType};
@@ -32,6 +33,9 @@ pub struct ColumnSettings<'a> {
 pub enum GeneratedKey {
     /// An Int64 `ordinal` column: the row's position in the input, from 0.
     Ordinal,
+    /// A Utf8 `key` column of `STREAM:POSITION`: the stream name and the
+    /// row's position in the stream.
+    StreamPosition(Arc<str>),
 }
 
 /// Converts the record batches of one input into source batches.
@@ -148,6 +152,7 @@ impl Converter {
             None => {
                 let column = match &generated {
                     GeneratedKey::Ordinal => Field::new(ORDINAL_COLUMN, DataType::Int64, false),
+                    GeneratedKey::StreamPosition(_) => Field::new(WATCH_KEY_COLUMN, DataType::Utf8, false),
                 };
                 fields.push(column.clone());
                 (column.name().clone(), Some(generated))
@@ -180,6 +185,12 @@ impl Converter {
         &self.key_column
     }
 
+    /// Moves past `rows` input rows that are not converted, so that generated
+    /// keys stay equal to the rows' positions.
+    pub fn skip(&mut self, rows: u64) {
+        self.next_position += rows;
+    }
+
     /// Converts one input batch: projection, generated keys and tensor columns.
     pub fn convert(&mut self, batch: RecordBatch) -> Result<Batch, SourceError> {
         let rows = batch.num_rows();
@@ -189,6 +200,10 @@ impl Converter {
             None => {}
             Some(GeneratedKey::Ordinal) => {
                 columns.push(Arc::new(Int64Array::from_iter_values(positions.map(|position| position as i64))));
+            }
+            Some(GeneratedKey::StreamPosition(stream)) => {
+                let keys: StringArray = positions.map(|position| Some(format!("{stream}:{position}"))).collect();
+                columns.push(Arc::new(keys));
             }
         }
         self.next_position += rows as u64;
