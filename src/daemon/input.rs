@@ -9,17 +9,19 @@ use tokio::sync::{mpsc, watch};
 use crate::batch::Batch;
 use crate::config::SourceConfig;
 use crate::sink::checkpoint::Checkpoint;
-use crate::source::{SourceError, WatchSource};
+use crate::source::{SocketSource, SourceError, WatchSource};
 
 pub enum Input {
     Watch(WatchSource),
+    Socket(SocketSource),
 }
 
 impl Input {
     /// Opens the configured input: checks the directory, or binds the socket.
-    pub fn open(config: &SourceConfig, _durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
+    pub fn open(config: &SourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
         match config {
             SourceConfig::Watch(c) => Ok(Input::Watch(WatchSource::new(c)?)),
+            SourceConfig::Socket(c) => Ok(Input::Socket(SocketSource::new(c, durable)?)),
             other => Err(SourceError::Config {
                 path: String::from("source.kind"),
                 message: format!(
@@ -34,6 +36,7 @@ impl Input {
     pub fn kind(&self) -> &'static str {
         match self {
             Input::Watch(_) => "watch",
+            Input::Socket(_) => "socket",
         }
     }
 
@@ -45,6 +48,7 @@ impl Input {
     ) -> Result<Option<(SchemaRef, String)>, SourceError> {
         match self {
             Input::Watch(source) => source.wait_for_schema(durable, stop),
+            Input::Socket(source) => source.wait_for_schema(durable, stop),
         }
     }
 
@@ -58,6 +62,7 @@ impl Input {
     ) -> Result<(), SourceError> {
         match self {
             Input::Watch(source) => source.run(durable, output, stop, on_records),
+            Input::Socket(source) => source.run(durable, output, stop, on_records),
         }
     }
 }

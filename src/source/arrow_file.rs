@@ -3,33 +3,25 @@
 //! Columns pass through unchanged, except those listed under `tensors`,
 //! which become float32 tensor columns of the configured shape. Lists of any
 //! numeric type are accepted there. A null row or a row of the wrong length
-//! is rejected with its key, and the run goes on.
+//! is rejected with its key, and the run goes on. The conversion itself is
+//! in `convert.rs`, shared with the socket source.
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int64Array, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::{FileReader, StreamReader};
 use arrow::record_batch::RecordBatchReader;
 
-use super::{ORDINAL_COLUMN, Source, SourceError};
-use crate::batch::{Batch, Keys, Rejected};
+use super::convert::{ColumnSettings, Converter, GeneratedKey};
+use super::{Source, SourceError};
+use crate::batch::Batch;
 use crate::config::ArrowFileSourceConfig;
-use crate::tensor::{self, ElementType, TensorType};
 
 pub struct ArrowFileSource {
     reader: Box<dyn RecordBatchReader + Send>,
-    /// Indices of the file's columns that are read, in output order.
-    projection: Vec<usize>,
-    tensors: BTreeMap<String, TensorType>,
-    key_column: String,
-    add_ordinal: bool,
-    schema: SchemaRef,
+    converter: Converter,
     pending: Option<RecordBatch>,
-    next_ordinal: i64,
     batch_size: usize,
     path: std::path::PathBuf,
 }
@@ -41,165 +33,14 @@ impl ArrowFileSource {
             return Err(SourceError::NotFound(path.clone()));
         }
         let reader = open_reader(path)?;
-        let file_schema = reader.schema();
-        let unknown = |key: String, name: &str| SourceError::Config {
-            path: key,
-            message: format!(
-                "column {name:?} is not in {}; its columns are {}",
-                path.display(),
-                file_schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-            ),
+        let settings = ColumnSettings {
+            id_column: config.id_column.as_deref(),
+            columns: config.columns.as_deref(),
+            tensors: &config.tensors,
         };
-
-        let names: Vec<String> = match &config.columns {
-            Some(columns) => columns.clone(),
-            None => file_schema.fields().iter().map(|f| f.name().clone()).collect(),
-        };
-        let mut projection = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let index = file_schema.index_of(name).map_err(|_| unknown(format!("source.columns[{i}]"), name))?;
-            projection.push(index);
-        }
-        if let Some(id) = &config.id_column {
-            let index = file_schema.index_of(id).map_err(|_| unknown(String::from("source.id_column"), id))?;
-            let data_type = file_schema.field(index).data_type();
-            if !matches!(
-                data_type,
-                DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8
-            ) {
-                return Err(SourceError::Config {
-                    path: String::from("source.id_column"),
-                    message: format!("id column {id:?} has type {data_type}; use an integer or string column"),
-                });
-            }
-            if !projection.contains(&index) {
-                projection.insert(0, index);
-            }
-        }
-
-        let mut tensors = BTreeMap::new();
-        for (name, shape) in &config.tensors {
-            let key = format!("source.tensors.{name}");
-            let index = file_schema.index_of(name).map_err(|_| unknown(key.clone(), name))?;
-            let item = match file_schema.field(index).data_type() {
-                DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
-                    item.data_type().clone()
-                }
-                other => {
-                    return Err(SourceError::Config {
-                        path: key,
-                        message: format!("column {name:?} has type {other}; a tensor column must be a list of numbers"),
-                    });
-                }
-            };
-            if !item.is_numeric() {
-                return Err(SourceError::Config {
-                    path: key,
-                    message: format!(
-                        "column {name:?} contains {item} values, but a tensor column must contain numbers"
-                    ),
-                });
-            }
-            tensors.insert(name.clone(), TensorType::new(ElementType::Float32, shape.shape.clone()));
-            if !projection.contains(&index) {
-                return Err(SourceError::Config {
-                    path: key,
-                    message: format!(
-                        "column {name:?} is listed under `tensors` but not under `columns`; add it to `columns`"
-                    ),
-                });
-            }
-        }
-
-        // Fixed-size numeric list columns are tensors even when not listed, so
-        // that their null rows are rejected here rather than read as zeros.
-        for &index in &projection {
-            let field = file_schema.field(index);
-            if tensors.contains_key(field.name()) {
-                continue;
-            }
-            if let DataType::FixedSizeList(item, size) = field.data_type()
-                && item.data_type().is_numeric()
-            {
-                let element = ElementType::from_arrow(item.data_type()).unwrap_or(ElementType::Float32);
-                let shape = crate::tensor::declared_shape(field).unwrap_or_else(|| vec![*size as usize]);
-                tensors.insert(field.name().clone(), TensorType::new(element, shape));
-            }
-        }
-
-        let mut fields = Vec::new();
-        let add_ordinal = config.id_column.is_none();
-        if add_ordinal {
-            fields.push(Field::new(ORDINAL_COLUMN, DataType::Int64, false));
-        }
-        for &index in &projection {
-            let field = file_schema.field(index);
-            match tensors.get(field.name()) {
-                Some(tensor) => fields.push(tensor.field(field.name())),
-                None => fields.push(field.clone()),
-            }
-        }
-        Ok(Self {
-            reader,
-            projection,
-            tensors,
-            key_column: config.id_column.clone().unwrap_or_else(|| String::from(ORDINAL_COLUMN)),
-            add_ordinal,
-            schema: Arc::new(Schema::new(fields)),
-            pending: None,
-            next_ordinal: 0,
-            batch_size: config.batch_size,
-            path: path.clone(),
-        })
-    }
-
-    /// Converts one file batch: projection, ordinals and tensor columns.
-    fn convert(&mut self, batch: RecordBatch) -> Result<Batch, SourceError> {
-        let rows = batch.num_rows();
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        if self.add_ordinal {
-            columns.push(Arc::new(Int64Array::from_iter_values(self.next_ordinal..self.next_ordinal + rows as i64)));
-        }
-        self.next_ordinal += rows as i64;
-
-        let mut problems: Vec<Option<String>> = vec![None; rows];
-        for &index in &self.projection {
-            let column = batch.column(index);
-            let name = batch.schema().field(index).name().clone();
-            match self.tensors.get(&name) {
-                Some(tensor) => columns.push(to_tensor(column, tensor, &name, &mut problems)?),
-                None => columns.push(column.clone()),
-            }
-        }
-        let data = RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the source schema");
-        if !self.add_ordinal {
-            let ids = data.column_by_name(&self.key_column).expect("the id column is read");
-            for (row, problem) in problems.iter_mut().enumerate() {
-                if ids.is_null(row) && problem.is_none() {
-                    *problem = Some(format!("the id column {:?} is null", self.key_column));
-                }
-            }
-        }
-        if problems.iter().all(Option::is_none) {
-            return Ok(Batch::new(data, Vec::new()));
-        }
-
-        let keys = Keys::new(&data, &self.key_column).expect("the key column type is checked at open");
-        let rejected = problems
-            .iter()
-            .enumerate()
-            .filter_map(|(row, problem)| {
-                problem.as_ref().map(|reason| Rejected {
-                    key: keys.get(row),
-                    component: String::from("source"),
-                    reason: reason.clone(),
-                    origin: None,
-                })
-            })
-            .collect();
-        let keep = BooleanArray::from(problems.iter().map(Option::is_none).collect::<Vec<_>>());
-        let data = filter_record_batch(&data, &keep).expect("the mask has one entry per row");
-        Ok(Batch::new(data, rejected))
+        let converter =
+            Converter::new(&reader.schema(), &path.display().to_string(), &settings, GeneratedKey::Ordinal, 0)?;
+        Ok(Self { reader, converter, pending: None, batch_size: config.batch_size, path: path.clone() })
     }
 }
 
@@ -226,92 +67,13 @@ fn open_reader(path: &std::path::Path) -> Result<Box<dyn RecordBatchReader + Sen
     }
 }
 
-/// Converts a list column to a tensor column, recording a problem for each
-/// null or wrong-length row. Rejected rows are filled with zeros so that the
-/// column stays fixed-size until they are filtered out.
-fn to_tensor(
-    column: &ArrayRef,
-    tensor: &TensorType,
-    name: &str,
-    problems: &mut [Option<String>],
-) -> Result<ArrayRef, SourceError> {
-    let size = tensor.len();
-    let element_type = tensor.element.arrow_type();
-
-    // The common case, a fixed-size list of the right type with no nulls, is
-    // re-labelled without copying.
-    if let DataType::FixedSizeList(item, list_size) = column.data_type()
-        && *list_size as usize == size
-        && item.data_type() == &element_type
-        && column.null_count() == 0
-        && column.as_fixed_size_list().values().null_count() == 0
-    {
-        let item = Arc::new(Field::new("item", element_type, false));
-        let list = FixedSizeListArray::new(item, size as i32, column.as_fixed_size_list().values().clone(), None);
-        return Ok(Arc::new(list));
-    }
-
-    let mut values = Vec::with_capacity(column.len());
-    let cast_error = |err: arrow::error::ArrowError| SourceError::Config {
-        path: format!("source.tensors.{name}"),
-        message: err.to_string(),
-    };
-    for (row, row_problem) in problems.iter_mut().enumerate() {
-        let item: Option<ArrayRef> = if column.is_null(row) {
-            None
-        } else {
-            Some(match column.data_type() {
-                DataType::List(_) => column.as_list::<i32>().value(row),
-                DataType::LargeList(_) => column.as_list::<i64>().value(row),
-                DataType::FixedSizeList(..) => column.as_fixed_size_list().value(row),
-                _ => unreachable!("tensor column types are checked at open"),
-            })
-        };
-        let problem = match &item {
-            None => Some(format!("column {name:?} is null")),
-            Some(item) if item.len() != size => {
-                Some(format!("column {name:?} has {} values, expected {size} for shape {:?}", item.len(), tensor.shape))
-            }
-            Some(item) if item.null_count() > 0 => Some(format!("column {name:?} contains null values")),
-            Some(_) => None,
-        };
-        match (problem, item) {
-            (None, Some(item)) => {
-                let converted = cast(&item, &element_type).map_err(cast_error)?;
-                values.push(converted);
-            }
-            (problem, _) => {
-                *row_problem = row_problem.take().or(problem);
-                values.push(arrow::array::new_null_array(&element_type, size));
-            }
-        }
-    }
-    let parts: Vec<&dyn Array> = values.iter().map(|a| a.as_ref()).collect();
-    let flat = if parts.is_empty() {
-        arrow::array::new_empty_array(&element_type)
-    } else {
-        arrow::compute::concat(&parts).map_err(cast_error)?
-    };
-    // Null placeholders in rejected rows become zeros in the flat buffer.
-    let result = match tensor.element {
-        ElementType::Float32 => tensor::build_f32(tensor, flat.as_primitive::<Float32Type>().values().to_vec()),
-        ElementType::UInt8 => {
-            tensor::build_u8(tensor, flat.as_primitive::<arrow::datatypes::UInt8Type>().values().to_vec())
-        }
-        ElementType::UInt16 => {
-            tensor::build_u16(tensor, flat.as_primitive::<arrow::datatypes::UInt16Type>().values().to_vec())
-        }
-    };
-    result.map_err(cast_error)
-}
-
 impl Source for ArrowFileSource {
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.converter.schema()
     }
 
     fn key_column(&self) -> &str {
-        &self.key_column
+        self.converter.key_column()
     }
 
     fn len_hint(&self) -> Option<u64> {
@@ -339,6 +101,6 @@ impl Source for ArrowFileSource {
         } else {
             batch
         };
-        self.convert(batch).map(Some)
+        self.converter.convert(batch).map(Some)
     }
 }

@@ -6,11 +6,13 @@
 //! rejections, never dropped.
 
 mod arrow_file;
+mod convert;
 mod images;
 mod interpolate;
 mod latent;
 mod npy;
 mod prior;
+mod socket;
 mod watch;
 
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ pub use arrow_file::ArrowFileSource;
 pub use images::ImagesSource;
 pub use latent::LatentSource;
 pub use npy::NpySource;
+pub use socket::SocketSource;
 pub use watch::{WATCH_KEY_COLUMN, WatchSource};
 
 /// Name of the key column of sources keyed by ordinal.
