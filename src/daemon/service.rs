@@ -221,10 +221,12 @@ async fn run_generation(
     };
 
     let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+    let flush_request = Arc::new(AtomicBool::new(false));
     let observer: Arc<dyn StageObserver> = Arc::new(MetricsObserver(shared.metrics.clone()));
     let options = ChainOptions {
         channel_capacity: capacity,
         max_delay: Some(Duration::from_millis(config.daemon.max_delay_ms)),
+        flush_request: Some(flush_request.clone()),
         observer: Some(observer),
     };
     let sink_rx = runtime::spawn_stages(&mut tasks, &planned.stages, planned.stage_inputs.clone(), source_rx, &options);
@@ -242,7 +244,7 @@ async fn run_generation(
         let dir = watch.path.clone();
         sink.prune_complete_units(Box::new(move |name| dir.join(name).exists()));
     }
-    let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth));
+    let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth, flush_request));
 
     // Run until a stop, an accepted reload or a failure.
     let mut next = None;
@@ -322,11 +324,16 @@ async fn run_generation(
 
 /// Receives the pipeline's output, commits it as files rotate, and publishes
 /// each new checkpoint. Returns the checkpoint of the last commit.
+///
+/// A file due for a commit that holds rows without a covering mark waits for
+/// a batch that ends a source batch; `flush_request` asks the regroupings
+/// for one meanwhile.
 async fn run_sink(
     mut sink: RotatingSink,
     mut input: mpsc::Receiver<Batch>,
     shared: Arc<Shared>,
     intake: mpsc::WeakSender<Batch>,
+    flush_request: Arc<AtomicBool>,
 ) -> Result<Checkpoint, SinkError> {
     loop {
         let deadline = sink.age_deadline().map(tokio::time::Instant::from_std);
@@ -335,6 +342,18 @@ async fn run_sink(
             _ = sleep_until(deadline) => {
                 if sink.at_boundary() {
                     commit(&mut sink, &shared).await;
+                    flush_request.store(false, Ordering::Relaxed);
+                } else {
+                    flush_request.store(true, Ordering::Relaxed);
+                    // Wait for the next batch rather than for the past deadline.
+                    match input.recv().await {
+                        Some(batch) => sink.write(batch),
+                        None => break,
+                    }
+                    if sink.at_boundary() {
+                        commit(&mut sink, &shared).await;
+                        flush_request.store(false, Ordering::Relaxed);
+                    }
                 }
                 continue;
             }
@@ -345,8 +364,13 @@ async fn run_sink(
             shared.metrics.queue_depth("intake", intake.max_capacity() - intake.capacity());
         }
         sink.write(batch);
-        if sink.is_full() && sink.at_boundary() {
-            commit(&mut sink, &shared).await;
+        if sink.is_full() {
+            if sink.at_boundary() {
+                commit(&mut sink, &shared).await;
+                flush_request.store(false, Ordering::Relaxed);
+            } else {
+                flush_request.store(true, Ordering::Relaxed);
+            }
         }
     }
     commit(&mut sink, &shared).await;

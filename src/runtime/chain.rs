@@ -12,6 +12,7 @@
 //! are joined by bounded channels of `channel_capacity` batches.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -21,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::execute::RunError;
-use super::rebatch::rebatch;
+use super::rebatch::{Flushing, rebatch};
 use crate::batch::Batch;
 use crate::stage::Stage;
 
@@ -37,6 +38,9 @@ pub struct ChainOptions {
     /// Longest time rows wait for a full batch before a model stage; `None`
     /// waits for a full batch or the end of the input.
     pub max_delay: Option<Duration>,
+    /// Set by the sink to have regroupings send what they hold at the end of
+    /// each source batch; see [`Flushing`].
+    pub flush_request: Option<Arc<AtomicBool>>,
     pub observer: Option<Arc<dyn StageObserver>>,
 }
 
@@ -55,9 +59,10 @@ pub fn spawn_stages(
         if let Some(size) = stages[start].batch_size() {
             let (tx, next_rx) = mpsc::channel(options.channel_capacity);
             let upstream = std::mem::replace(&mut rx, next_rx);
-            let (max_delay, schema) = (options.max_delay, stage_inputs[start].clone());
+            let schema = stage_inputs[start].clone();
+            let flushing = Flushing { max_delay: options.max_delay, requested: options.flush_request.clone() };
             tasks.spawn(async move {
-                rebatch(upstream, tx, size, schema, max_delay).await;
+                rebatch(upstream, tx, size, schema, flushing).await;
                 Ok(())
             });
         }

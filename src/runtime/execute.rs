@@ -88,7 +88,7 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         Ok(())
     });
 
-    let options = ChainOptions { channel_capacity, max_delay: None, observer: None };
+    let options = ChainOptions { channel_capacity, max_delay: None, flush_request: None, observer: None };
     let mut rx = spawn_stages(&mut tasks, &stages, stage_inputs, rx, &options);
 
     let sink_counters = counters.clone();

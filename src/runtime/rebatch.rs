@@ -10,8 +10,15 @@
 //! output batch that contains its last row, so they are never ahead of the
 //! rows they follow. With a maximum delay (the daemon's dynamic batching),
 //! rows wait at most that long for a full batch before a smaller one is sent.
+//!
+//! The daemon's sink may commit only after a batch that ends where a source
+//! batch ended. Full batches line up with source batches rarely when their
+//! sizes differ, so while the sink sets the flush request, every input batch
+//! is sent on whole, with the rows pending before it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -99,17 +106,32 @@ impl Pending {
     }
 }
 
+/// When a regrouping sends batches before they are full.
+#[derive(Clone, Debug, Default)]
+pub struct Flushing {
+    /// Longest wait of the oldest pending row.
+    pub max_delay: Option<Duration>,
+    /// Set by the sink while it waits for a batch that ends a source batch.
+    pub requested: Option<Arc<AtomicBool>>,
+}
+
+impl Flushing {
+    fn is_requested(&self) -> bool {
+        self.requested.as_ref().is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+}
+
 /// Reads batches from `input` and sends batches of `size` rows to `output`,
-/// plus a last, smaller one when the input ends. With `max_delay`, pending
-/// rows are also sent once the oldest has waited that long. Returns when the
-/// input is closed or the output is dropped.
+/// plus a last, smaller one when the input ends, and earlier ones as
+/// `flushing` says. Returns when the input is closed or the output is dropped.
 pub async fn rebatch(
     mut input: mpsc::Receiver<Batch>,
     output: mpsc::Sender<Batch>,
     size: usize,
     schema: SchemaRef,
-    max_delay: Option<Duration>,
+    flushing: Flushing,
 ) {
+    let max_delay = flushing.max_delay;
     let mut pending = Pending { schema, parts: Vec::new(), rows: 0, ends: VecDeque::new(), since: None };
     loop {
         let deadline = match (max_delay, pending.since) {
@@ -130,7 +152,8 @@ pub async fn rebatch(
         };
         let Some(batch) = received else { break };
         pending.push(batch);
-        if pending.rows >= size && !send_all(&output, pending.take_batches(size, false)).await {
+        let flush = flushing.is_requested();
+        if (flush || pending.rows >= size) && !send_all(&output, pending.take_batches(size, flush)).await {
             return;
         }
     }
@@ -206,11 +229,11 @@ mod tests {
     }
 
     /// Runs `rebatch` over `inputs` and collects what it sends.
-    async fn regroup(inputs: Vec<Batch>, size: usize, max_delay: Option<Duration>) -> Vec<Batch> {
+    async fn regroup(inputs: Vec<Batch>, size: usize, flushing: Flushing) -> Vec<Batch> {
         let schema = ids(0..0).schema();
         let (tx, rx) = mpsc::channel(16);
         let (out_tx, mut out_rx) = mpsc::channel(16);
-        let task = tokio::spawn(rebatch(rx, out_tx, size, schema, max_delay));
+        let task = tokio::spawn(rebatch(rx, out_tx, size, schema, flushing));
         for input in inputs {
             tx.send(input).await.unwrap();
         }
@@ -225,7 +248,7 @@ mod tests {
 
     #[tokio::test]
     async fn marks_travel_with_last_row() {
-        let outputs = regroup(vec![marked(0..3, "a"), marked(3..7, "a")], 4, None).await;
+        let outputs = regroup(vec![marked(0..3, "a"), marked(3..7, "a")], 4, Flushing::default()).await;
         let sizes: Vec<usize> = outputs.iter().map(|b| b.data.num_rows()).collect();
         assert_eq!(sizes, [4, 3], "7 rows regroup into 4 + 3");
         assert_eq!(outputs[0].marks.len(), 1, "the first mark (3 records) is within the first 4 rows");
@@ -245,7 +268,7 @@ mod tests {
             reason: String::new(),
             origin: None,
         });
-        let outputs = regroup(vec![marked(0..4, "a"), second], 2, None).await;
+        let outputs = regroup(vec![marked(0..4, "a"), second], 2, Flushing::default()).await;
         let rejected: Vec<usize> = outputs.iter().map(|b| b.rejected.len()).collect();
         assert_eq!(rejected, [0, 0, 0, 1], "the rejection waits for the batch ending its input batch");
     }
@@ -255,7 +278,8 @@ mod tests {
         let schema = ids(0..0).schema();
         let (tx, rx) = mpsc::channel(4);
         let (out_tx, mut out_rx) = mpsc::channel(4);
-        let task = tokio::spawn(rebatch(rx, out_tx, 64, schema, Some(Duration::from_millis(30))));
+        let flushing = Flushing { max_delay: Some(Duration::from_millis(30)), requested: None };
+        let task = tokio::spawn(rebatch(rx, out_tx, 64, schema, flushing));
         tx.send(marked(0..5, "a")).await.unwrap();
         let sent = tokio::time::timeout(Duration::from_secs(5), out_rx.recv()).await;
         let batch = sent.expect("the partial batch is sent after the delay").expect("the channel is open");
@@ -264,6 +288,16 @@ mod tests {
         assert!(batch.ends_source_batch);
         drop(tx);
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn flush_request_ends_on_source_batch() {
+        let requested = Arc::new(AtomicBool::new(true));
+        let flushing = Flushing { max_delay: None, requested: Some(requested) };
+        let outputs = regroup(vec![marked(0..5, "a"), marked(5..10, "a")], 4, flushing).await;
+        let sizes: Vec<usize> = outputs.iter().map(|b| b.data.num_rows()).collect();
+        assert_eq!(sizes, [4, 1, 4, 1], "each input batch is sent on whole, in full batches and a remainder");
+        assert!(outputs[1].ends_source_batch && outputs[3].ends_source_batch, "the remainders end source batches");
     }
 
     #[test]
