@@ -11,6 +11,8 @@ mod augment;
 mod bad_input;
 /// `inspect`, `validate` and the options of `run`.
 mod commands;
+/// The daemon's delivery: drain on SIGTERM, exactly once across kill -9, rotation, metrics, memory.
+mod daemon_delivery;
 /// The daemon in operation: full disk, corrupt inputs, reloads, bad settings, JSON logs.
 mod daemon_operation;
 /// Same seed, same bytes, whatever the batching and parallelism.
