@@ -1072,12 +1072,13 @@ fn rotation_limit_holds_for_any_file_size() {
     assert!(done, "the daemon did not complete every input within 30 s\n{}", daemon.log_tail());
     daemon.stop(Duration::from_millis(settings.drain_timeout_ms));
 
-    // Past the limit, a file takes the rows already cut into model batches
-    // when the sink requests a commit point: at most 4 in each of the two
-    // channels after the regrouping, one per session (4 at most) and the
-    // rest of the source batch being cut, 64 records each. Then the next
-    // source batch, sent whole, ends on a cut.
-    let limit = ROTATE_ROWS as usize + 16 * 64 * SAMPLES + READ_BATCH * SAMPLES;
+    // Past the limit, a file also takes the model batches (64 records each)
+    // in flight when the sink requests a commit point: 4 in each of the two
+    // channels after the regrouping, up to 5 in the model stage (a session
+    // each, at most 4, and one being sent), the regrouping's last cut (up to
+    // 5), then the next source batch (4), sent whole. 24 allows for the
+    // batch that crossed the limit.
+    let limit = ROTATE_ROWS as usize + 24 * 64 * SAMPLES;
     let mut largest = 0;
     for path in committed_files(&output, "part-") {
         let rows: usize = read_committed_file(&path).iter().map(RecordBatch::num_rows).sum();
