@@ -14,13 +14,8 @@
 // not multiples of 64, so that this path runs. The others use multiples of
 // 256.
 
-use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::ExitStatusExt;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -28,26 +23,17 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, Float32Type, Int32Type, Int64Type};
-use arrow::ipc::reader::FileReader;
-use arrow::ipc::writer::FileWriter;
 
-use crate::common::{read_arrow, repo, run_ok, strings, yaml_path};
+use crate::common::{read_arrow, strings, yaml_path};
+use crate::daemon_support::*;
 
 /// Environment variable that turns on the full-size crash test and the long run.
 const HEAVY_VARIABLE: &str = "STOCHFLOW_HEAVY_TESTS";
-/// Rows per record drawn by the `sample` stage.
-const SAMPLES: usize = 5;
 /// Input file `f` contains the ids `f * ID_STRIDE + row`, so every key is unique.
 const ID_STRIDE: i64 = 100_000;
 
 fn heavy() -> bool {
     std::env::var(HEAVY_VARIABLE).is_ok_and(|value| value == "1")
-}
-
-/// Writes a line to standard error, past the test harness's output capture,
-/// so that it shows whether or not the test passes.
-fn note(message: &str) {
-    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 // ---------------------------------------------------------------------------
@@ -66,20 +52,6 @@ struct DaemonSettings {
     drain_timeout_ms: u64,
     /// The sink's `columns` list.
     columns: &'static str,
-}
-
-/// Output columns compared with a clean run.
-const COMPARED_COLUMNS: &str = "[id, label, logits, sample, class]";
-
-fn stages_yaml() -> String {
-    let model = yaml_path(&repo("fixtures/models/mlp_digits.onnx"));
-    format!(
-        r#"stages:
-  - {{name: input_noise, kind: add_noise, column: pixels, std: 0.1, clip: [0.0, 1.0]}}
-  - {{name: classify, kind: infer, model: {model}, inputs: {{pixels: pixels}}, outputs: {{logits: logits}}, batch_size: 64}}
-  - {{name: draw_class, kind: sample, column: logits, samples: {SAMPLES}, output: class}}
-"#
-    )
 }
 
 /// Writes the daemon's pipeline file into `dir` and returns its path.
@@ -105,7 +77,7 @@ daemon:
 "#,
         input = yaml_path(&settings.input),
         read_batch = settings.read_batch,
-        stages = stages_yaml(),
+        stages = digits_stages_yaml(0.1, &mlp()),
         output = yaml_path(&settings.output),
         columns = settings.columns,
         rows = settings.rotate_rows,
@@ -117,26 +89,8 @@ daemon:
     path
 }
 
-/// Runs the same stages with `stochflow run` over one Arrow file and returns
-/// the output file: the clean run that a daemon's output must equal.
-fn run_clean(dir: &Path, input: &Path) -> PathBuf {
-    let yaml = format!(
-        "seed: 42\nsource: {{kind: arrow_file, path: {input}, id_column: id}}\n{stages}\
-         sink: {{kind: arrow_file, path: clean.arrow, columns: {COMPARED_COLUMNS}}}\n",
-        input = yaml_path(input),
-        stages = stages_yaml(),
-    );
-    run_ok(dir, "clean", &yaml)
-}
-
 // ---------------------------------------------------------------------------
 // Inputs
-
-/// Returns the 450 digits of the fixture as one batch.
-fn digits() -> RecordBatch {
-    let (schema, batches) = read_arrow(&repo("fixtures/data/digits_test.arrow"));
-    concat_batches(&schema, &batches).expect("the fixture's batches share its schema")
-}
 
 fn input_name(file: usize) -> String {
     format!("in-{file:05}.arrow")
@@ -171,192 +125,8 @@ fn with_nan_pixels(records: &RecordBatch, rows: &[usize]) -> RecordBatch {
     RecordBatch::try_new(records.schema(), columns).expect("only the pixel values change")
 }
 
-/// Writes `records` as one Arrow file to `path`.
-fn write_arrow(path: &Path, records: &RecordBatch) {
-    let file = BufWriter::new(File::create(path).expect("the input file is created"));
-    let mut writer = FileWriter::try_new(file, &records.schema()).expect("the Arrow writer starts");
-    writer.write(records).expect("the records are written");
-    writer.finish().expect("the footer is written");
-    writer.into_inner().expect("the writer is finished").flush().expect("the file is flushed");
-}
-
-/// Writes `records` under a hidden name in `dir` and renames the finished
-/// file to `name`, so that the daemon never reads it half written.
-fn drop_input(dir: &Path, name: &str, records: &RecordBatch) {
-    let hidden = dir.join(format!(".{name}.partial"));
-    write_arrow(&hidden, records);
-    std::fs::rename(&hidden, dir.join(name)).expect("the input file is renamed into the watched directory");
-}
-
 // ---------------------------------------------------------------------------
 // The daemon process
-
-/// A running `stochflow daemon`. Dropping it kills the process with SIGKILL
-/// if it still runs, so a failed test leaves no daemon behind.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Starts the daemon, appending its standard error to `log`.
-    fn start(pipeline: &Path, log: &Path) -> Self {
-        let stderr = File::options().create(true).append(true).open(log).expect("the daemon log opens");
-        let child = Command::new(env!("CARGO_BIN_EXE_stochflow"))
-            .args(["daemon", pipeline.to_str().expect("test paths are UTF-8")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("the stochflow binary starts");
-        Daemon { child, log: log.to_path_buf() }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends `signal` (a name such as `TERM`) with kill(1). The child is not
-    /// reaped before this, so its PID still names it.
-    fn signal(&self, signal: &str) {
-        let pid = self.pid().to_string();
-        let status = Command::new("kill").args(["-s", signal, &pid]).status().expect("kill(1) runs");
-        assert!(status.success(), "kill -s {signal} {pid} failed with {status}\n{}", self.log_tail());
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits up to `timeout` for the daemon to exit and returns its status,
-    /// or `None` if it still runs.
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the daemon's status can be read") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Sends SIGTERM, asserts that the daemon exits with 0 within
-    /// `drain_timeout`, and returns how long it took.
-    fn stop(&mut self, drain_timeout: Duration) -> Duration {
-        self.wait_for_term_handler();
-        let sent = Instant::now();
-        self.signal("TERM");
-        let status = self.wait(drain_timeout);
-        let took = sent.elapsed();
-        let Some(status) = status else {
-            panic!("the daemon still ran {took:?} after SIGTERM, past its drain timeout\n{}", self.log_tail());
-        };
-        assert_eq!(status.code(), Some(0), "the daemon's exit after SIGTERM ({status})\n{}", self.log_tail());
-        took
-    }
-
-    /// Waits until the daemon catches SIGTERM, as SigCgt in /proc/PID/status
-    /// shows. In its first milliseconds, before the handler is installed, the
-    /// signal's default action would end the process.
-    fn wait_for_term_handler(&mut self) {
-        const SIGTERM_BIT: u64 = 1 << (15 - 1);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while caught_signals(self.pid()) & SIGTERM_BIT == 0 {
-            assert!(self.is_running(), "the daemon exited before SIGTERM\n{}", self.log_tail());
-            assert!(Instant::now() < deadline, "the daemon did not catch SIGTERM within 10 s\n{}", self.log_tail());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Kills the daemon with SIGKILL and reaps it. The daemon never exits by
-    /// itself, so it must still run.
-    fn crash(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("the daemon exited by itself with {status} before SIGKILL\n{}", self.log_tail());
-        }
-        self.signal("KILL");
-        let status = self.wait(Duration::from_secs(10)).expect("a process killed with SIGKILL exits");
-        assert_eq!(status.signal(), Some(9), "the daemon should die of SIGKILL, not {status}\n{}", self.log_tail());
-    }
-
-    /// Returns the end of the daemon's log, for failure messages.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(6000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        format!("--- end of the daemon log {} ---\n{}", self.log.display(), &text[start..])
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Returns a port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound");
-    listener.local_addr().expect("the bound address is known").port()
-}
-
-/// Sends `GET path` to 127.0.0.1:`port` and returns the status code and body.
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let invalid = || std::io::Error::other(format!("invalid HTTP response {response:?}"));
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(invalid)?;
-    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).ok_or_else(invalid)?;
-    Ok((status, body.to_string()))
-}
-
-/// Returns the value of the sample `series` (name and labels, as rendered).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Returns the sum of the samples of the labelled metric `name`.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    let prefix = format!("{name}{{");
-    text.lines()
-        .filter(|line| line.starts_with(&prefix))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-/// Polls `done` every 10 ms until it returns true or `timeout` passes, and
-/// returns whether it did.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Reads the mask of the signals that process `pid` catches (SigCgt in
-/// /proc/PID/status), bit `n - 1` for signal `n`; 0 once the process exits.
-fn caught_signals(pid: u32) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    let line = status.lines().find(|line| line.starts_with("SigCgt:")).expect("/proc/PID/status has SigCgt");
-    let mask = line.split_whitespace().nth(1).expect("SigCgt has a value");
-    u64::from_str_radix(mask, 16).expect("SigCgt is hexadecimal")
-}
 
 /// Reads the resident set size of process `pid` from /proc, in KiB.
 fn resident_kib(pid: u32) -> u64 {
@@ -368,102 +138,10 @@ fn resident_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------
 // The output directory
 
-/// Progress of each input file in `checkpoint.json`: durable records and
-/// whether the file is complete. Empty before the first commit.
-fn checkpoint_units(output: &Path) -> HashMap<String, (u64, bool)> {
-    let path = output.join("checkpoint.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
-        Err(err) => panic!("cannot read {}: {err}", path.display()),
-    };
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|err| panic!("{} is not valid JSON ({err}): {text}", path.display()));
-    let units = json["units"].as_object().unwrap_or_else(|| panic!("{} has no `units` map: {text}", path.display()));
-    units
-        .iter()
-        .map(|(name, progress)| {
-            let records = progress["records"].as_u64().expect("`records` is a count");
-            let complete = progress["complete"].as_bool().expect("`complete` is a boolean");
-            (name.clone(), (records, complete))
-        })
-        .collect()
-}
-
 /// Returns whether the checkpoint shows input files `0..files` complete.
 fn all_complete(output: &Path, files: usize) -> bool {
     let units = checkpoint_units(output);
     (0..files).all(|file| units.get(&input_name(file)).is_some_and(|&(_, complete)| complete))
-}
-
-/// Returns the sorted names of the files in `dir`, or none if `dir` does not
-/// exist yet (before the daemon's first start).
-fn file_names(dir: &Path) -> Vec<String> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(err) => panic!("cannot list {}: {err}", dir.display()),
-    };
-    let mut names: Vec<String> = entries
-        .map(|entry| entry.expect("a directory entry reads").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Names of the files in `dir` that end in `.partial`.
-fn partial_files(dir: &Path) -> Vec<String> {
-    file_names(dir).into_iter().filter(|name| name.ends_with(".partial")).collect()
-}
-
-/// Paths of the committed files in `dir` whose names start with `prefix`:
-/// `part-` for output files, `dead-` for dead-letter files.
-fn committed_files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    file_names(dir)
-        .into_iter()
-        .filter(|name| name.starts_with(prefix) && name.ends_with(".arrow"))
-        .map(|name| dir.join(name))
-        .collect()
-}
-
-/// Reads a committed file to its end. Panics, naming the file, if it is
-/// torn: without a footer, or with a record batch that does not read.
-fn read_committed_file(path: &Path) -> Vec<RecordBatch> {
-    let file = File::open(path).unwrap_or_else(|err| panic!("cannot open committed file {}: {err}", path.display()));
-    let reader = FileReader::try_new(std::io::BufReader::new(file), None)
-        .unwrap_or_else(|err| panic!("committed file {} has no valid footer (torn): {err}", path.display()));
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_else(|err| panic!("committed file {} has a batch that does not read (torn): {err}", path.display()))
-}
-
-/// Every committed file of an output directory, each read to its end.
-struct Committed {
-    part_files: usize,
-    dead_files: usize,
-    rows: Vec<RecordBatch>,
-    dead: Vec<RecordBatch>,
-}
-
-impl Committed {
-    fn read(output: &Path) -> Self {
-        let parts = committed_files(output, "part-");
-        let deads = committed_files(output, "dead-");
-        Committed {
-            part_files: parts.len(),
-            dead_files: deads.len(),
-            rows: parts.iter().flat_map(|path| read_committed_file(path)).collect(),
-            dead: deads.iter().flat_map(|path| read_committed_file(path)).collect(),
-        }
-    }
-
-    fn row_count(&self) -> usize {
-        self.rows.iter().map(RecordBatch::num_rows).sum()
-    }
-
-    fn dead_count(&self) -> usize {
-        self.dead.iter().map(RecordBatch::num_rows).sum()
-    }
 }
 
 /// Asserts that `rows` contain every record of the input files, where file
@@ -533,49 +211,6 @@ fn assert_exactly_once(rows: &[RecordBatch], file_rows: &[usize], skipped: &[i64
     assert!(wrongly_present.is_empty(), "rejected records appear in the output: {}", first(&wrongly_present));
 }
 
-/// Class and logits (as bits) of every row, by (id, sample).
-fn rows_by_key(rows: &[RecordBatch]) -> HashMap<(i64, i32), (i32, Vec<u32>)> {
-    let mut by_key = HashMap::new();
-    for batch in rows {
-        let column = |name: &str| batch.column_by_name(name).unwrap_or_else(|| panic!("the output has column {name}"));
-        let ids = column("id").as_primitive::<Int64Type>();
-        let samples = column("sample").as_primitive::<Int32Type>();
-        let classes = column("class").as_primitive::<Int32Type>();
-        let logits = column("logits").as_fixed_size_list();
-        for row in 0..batch.num_rows() {
-            let values = logits.value(row);
-            let bits = values.as_primitive::<Float32Type>().values().iter().map(|v| v.to_bits()).collect();
-            by_key.insert((ids.value(row), samples.value(row)), (classes.value(row), bits));
-        }
-    }
-    by_key
-}
-
-/// Asserts that every row of `rows` equals the clean run's row of the same
-/// id and sample, in class and logits, bit for bit.
-fn assert_rows_equal_clean_run(rows: &[RecordBatch], clean: &HashMap<(i64, i32), (i32, Vec<u32>)>) {
-    let daemon = rows_by_key(rows);
-    let mut absent = Vec::new();
-    let mut different = Vec::new();
-    for (key, row) in &daemon {
-        match clean.get(key) {
-            None => absent.push(*key),
-            Some(clean_row) if clean_row != row => different.push((*key, row.clone(), clean_row.clone())),
-            Some(_) => {}
-        }
-    }
-    absent.sort();
-    different.sort();
-    assert!(absent.is_empty(), "{} daemon rows have no row in the clean run, first {:?}", absent.len(), absent.first());
-    assert!(
-        different.is_empty(),
-        "{} daemon rows differ from the clean run; first ((id, sample), (class, logit bits) daemon, clean): {:?}",
-        different.len(),
-        different.first()
-    );
-    assert_eq!(daemon.len(), clean.len(), "rows in the daemon's output and in the clean run");
-}
-
 /// SplitMix64, for the seeded kill schedule.
 struct SplitMix64(u64);
 
@@ -626,7 +261,7 @@ fn drain_commits_in_flight_records() {
     let digits = digits();
     let inputs: Vec<RecordBatch> = (0..FILES).map(|file| input_records(&digits, file, FILE_ROWS)).collect();
 
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let ready = wait_until(Duration::from_secs(20), || matches!(http_get(port, "/readyz"), Ok((200, _))));
     assert!(ready, "/readyz did not return 200 within 20 s of the start\n{}", daemon.log_tail());
 
@@ -636,7 +271,7 @@ fn drain_commits_in_flight_records() {
         let (input, inputs) = (input.clone(), inputs.clone());
         std::thread::spawn(move || {
             for (file, records) in inputs.iter().enumerate() {
-                drop_input(&input, &input_name(file), records);
+                drop_arrow(&input, &input_name(file), records);
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
@@ -673,7 +308,7 @@ fn drain_commits_in_flight_records() {
 
     // A restart takes the remaining files and resumes any file cut short.
     writer.join().expect("the input writer finishes");
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let done = wait_until(Duration::from_secs(30), || all_complete(&output, FILES));
     assert!(done, "the restarted daemon did not complete every input within 30 s\n{}", daemon.log_tail());
     daemon.stop(Duration::from_millis(DRAIN_TIMEOUT_MS));
@@ -741,7 +376,7 @@ fn crash_restarts_deliver_exactly_once() {
     assert_eq!(clean.len(), records * SAMPLES, "rows of the clean run");
     drop(clean_batches);
     for (file, records) in inputs.iter().enumerate() {
-        drop_input(&input, &input_name(file), records);
+        drop_arrow(&input, &input_name(file), records);
     }
     let prepared = started.elapsed();
 
@@ -751,7 +386,7 @@ fn crash_restarts_deliver_exactly_once() {
     let mut kills_inside_commit = 0;
     for kill in 0..kills {
         let next_part = committed_files(&output, "part-").len();
-        let mut daemon = Daemon::start(&pipeline, &log);
+        let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
         // Waits until this run commits its `count`-th file, or everything is complete.
         let wait_for_commits = |daemon: &mut Daemon, count: usize| {
             let part = output.join(format!("part-{:08}.arrow", next_part + count - 1));
@@ -809,7 +444,7 @@ fn crash_restarts_deliver_exactly_once() {
 
     let killed = started.elapsed();
     let durable_before_last_run: u64 = checkpoint_units(&output).values().map(|&(records, _)| records).sum();
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let done = wait_until(Duration::from_secs(600), || all_complete(&output, files));
     assert!(done, "the last run did not complete every input within 600 s\n{}", daemon.log_tail());
     daemon.stop(Duration::from_millis(settings.drain_timeout_ms));
@@ -861,12 +496,12 @@ fn metrics_match_committed_files() {
     // A good file, a file with three NaN rows that the model stage rejects,
     // and a file that is not Arrow at all, which the source rejects whole.
     let digits = digits();
-    drop_input(&input, &input_name(0), &input_records(&digits, 0, FILE_ROWS));
-    drop_input(&input, &input_name(1), &with_nan_pixels(&input_records(&digits, 1, FILE_ROWS), &NAN_ROWS));
+    drop_arrow(&input, &input_name(0), &input_records(&digits, 0, FILE_ROWS));
+    drop_arrow(&input, &input_name(1), &with_nan_pixels(&input_records(&digits, 1, FILE_ROWS), &NAN_ROWS));
     std::fs::write(input.join(input_name(2)), b"this is not an Arrow file\n").expect("the bad input is written");
     let nan_ids: Vec<i64> = NAN_ROWS.iter().map(|&row| ID_STRIDE + row as i64).collect();
 
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let done = wait_until(Duration::from_secs(30), || all_complete(&output, 3));
     assert!(done, "the daemon did not complete the three inputs within 30 s\n{}", daemon.log_tail());
 
@@ -955,7 +590,7 @@ fn long_run_memory_stays_flat() {
     };
     let pipeline = write_daemon_pipeline(dir.path(), &settings);
     let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let started = Instant::now();
 
     // The feeder keeps AHEAD files waiting and deletes each input once the
@@ -977,7 +612,7 @@ fn long_run_memory_stays_flat() {
                     waiting.pop_front();
                 }
                 if written < FILES && waiting.len() < AHEAD {
-                    drop_input(&input, &input_name(written), &input_records(&digits, written, FILE_ROWS));
+                    drop_arrow(&input, &input_name(written), &input_records(&digits, written, FILE_ROWS));
                     waiting.push_back(input_name(written));
                     written += 1;
                 } else {
@@ -1064,10 +699,10 @@ fn rotation_limit_holds_for_any_file_size() {
     let log = dir.path().join("daemon.log");
     let digits = digits();
     for file in 0..FILES {
-        drop_input(&input, &input_name(file), &input_records(&digits, file, FILE_ROWS));
+        drop_arrow(&input, &input_name(file), &input_records(&digits, file, FILE_ROWS));
     }
 
-    let mut daemon = Daemon::start(&pipeline, &log);
+    let mut daemon = Daemon::start(&pipeline, settings.http_port, &log);
     let done = wait_until(Duration::from_secs(30), || all_complete(&output, FILES));
     assert!(done, "the daemon did not complete every input within 30 s\n{}", daemon.log_tail());
     daemon.stop(Duration::from_millis(settings.drain_timeout_ms));
@@ -1081,7 +716,7 @@ fn rotation_limit_holds_for_any_file_size() {
     let limit = ROTATE_ROWS as usize + 24 * 64 * SAMPLES;
     let mut largest = 0;
     for path in committed_files(&output, "part-") {
-        let rows: usize = read_committed_file(&path).iter().map(RecordBatch::num_rows).sum();
+        let rows: usize = read_committed_file(&path).batches.iter().map(RecordBatch::num_rows).sum();
         assert!(
             rows <= limit,
             "{} has {rows} rows, past the {ROTATE_ROWS}-row limit plus the rows in flight ({limit} in all)",

@@ -6,275 +6,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::ops::Range;
+use std::io::Write;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use arrow::array::{AsArray, Float32Builder, ListBuilder, RecordBatch};
-use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Field, Float32Type, Int32Type, Int64Type, Schema, SchemaRef};
-use arrow::ipc::writer::FileWriter;
+use arrow::array::AsArray;
+use arrow::datatypes::{Float32Type, Int32Type, Int64Type};
 
 use crate::common::*;
-
-/// Maximum wait for one step of the daemon. Steps take well under a second
-/// on an idle machine, so the margin covers a loaded one.
-const TIMEOUT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(25);
-
-/// A running `stochflow daemon`, killed with SIGKILL when dropped unless it
-/// has exited, so that a failed test leaves no process behind.
-struct Daemon {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    /// The output directory as the test reaches it.
-    output: PathBuf,
-    exit: Option<ExitStatus>,
-}
-
-impl Daemon {
-    /// Starts `stochflow daemon PIPELINE` with `extra` arguments, its
-    /// standard error going to `log`.
-    fn start(pipeline: &Path, extra: &[&str], port: u16, output: &Path, log: &Path) -> Daemon {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stochflow"));
-        command.args(extra).arg("daemon").arg(pipeline);
-        Daemon::spawn(&mut command, port, log, |_| output.to_path_buf())
-            .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"))
-    }
-
-    /// Spawns `command` with standard error going to `log` and standard
-    /// output discarded. `output` maps the process id to the output
-    /// directory as the test reaches it.
-    fn spawn(
-        command: &mut Command,
-        port: u16,
-        log: &Path,
-        output: impl FnOnce(u32) -> PathBuf,
-    ) -> std::io::Result<Daemon> {
-        let stderr = File::create(log)?;
-        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn()?;
-        let output = output(child.id());
-        Ok(Daemon { child, port, log: log.to_path_buf(), output, exit: None })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Returns the daemon's standard error so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Returns the exit status if the process has exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().expect("the daemon's status can be read");
-        }
-        self.exit
-    }
-
-    /// Sends a signal such as `TERM` or `HUP` with the `kill` command.
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("the kill command runs");
-        assert!(status.success(), "kill -{name} {} failed with {status}", self.pid());
-    }
-
-    /// Polls `check` until it returns a value. Panics with `what` and the
-    /// daemon's log on timeout, or if the daemon exits first.
-    fn wait_for<T>(&mut self, what: &str, mut check: impl FnMut(&Daemon) -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(value) = check(self) {
-                return value;
-            }
-            if let Some(status) = self.exited() {
-                panic!("the daemon exited with {status} while the test waited for {what}; log:\n{}", self.log());
-            }
-            if start.elapsed() > TIMEOUT {
-                panic!("timed out after {TIMEOUT:?} waiting for {what}; log:\n{}", self.log());
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits until `/healthz` returns 200.
-    fn wait_healthy(&mut self) {
-        self.wait_for("/healthz to return 200", |d| {
-            (d.get("/healthz").map(|(status, _)| status) == Some(200)).then_some(())
-        });
-    }
-
-    /// Sends a GET request and returns the status and body, or `None` while
-    /// nothing listens.
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.port, path).ok()
-    }
-
-    /// Returns the value of the metric line that starts with `series`, such
-    /// as `stochflow_reloads_total{result="ok"}`.
-    fn metric(&self, series: &str) -> Option<f64> {
-        let (status, body) = self.get("/metrics")?;
-        assert_eq!(status, 200, "/metrics failed: {body}");
-        metric_value(&body, series)
-    }
-
-    /// Waits until `series` equals `value`.
-    fn wait_metric(&mut self, series: &str, value: f64) {
-        self.wait_for(&format!("{series} = {value}"), |d| (d.metric(series) == Some(value)).then_some(()));
-    }
-
-    /// Waits until the log contains `text`.
-    fn wait_log(&mut self, text: &str) {
-        self.wait_for(&format!("the log line {text:?}"), |d| d.log().contains(text).then_some(()));
-    }
-
-    /// Waits until the checkpoint records the input file `name` as
-    /// completely committed.
-    fn wait_committed(&mut self, name: &str) {
-        self.wait_for(&format!("{name} to be complete in checkpoint.json"), |d| {
-            unit_complete(&d.output, name).then_some(())
-        });
-    }
-
-    /// Sends SIGTERM and returns the exit status.
-    fn stop(&mut self) -> ExitStatus {
-        self.signal("TERM");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < TIMEOUT,
-                "the daemon did not exit within {TIMEOUT:?} of SIGTERM; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Returns a port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound");
-    listener.local_addr().expect("the bound address is known").port()
-}
-
-/// Sends `GET path` to 127.0.0.1:`port` and returns the status code and body.
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let invalid =
-        || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {response:?}"));
-    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).ok_or_else(invalid)?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).ok_or_else(invalid)?;
-    Ok((status, body))
-}
-
-fn metric_value(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Returns whether `checkpoint.json` in `output` marks the input file `name`
-/// complete.
-fn unit_complete(output: &Path, name: &str) -> bool {
-    let Ok(text) = std::fs::read_to_string(output.join("checkpoint.json")) else { return false };
-    let checkpoint: serde_json::Value = serde_json::from_str(&text).expect("checkpoint.json is JSON");
-    checkpoint["units"][name]["complete"] == serde_json::Value::Bool(true)
-}
-
-/// Rows `range` of the digits test set: `id` (Int64), `pixels` (a float32
-/// tensor of shape [64]) and `label`.
-fn digits(range: Range<usize>) -> RecordBatch {
-    let (schema, batches) = read_arrow(&repo("fixtures/data/digits_test.arrow"));
-    let all = concat_batches(&schema, &batches).expect("the fixture's batches share a schema");
-    all.slice(range.start, range.len())
-}
-
-/// Writes an Arrow IPC file under a hidden name and renames it to `name`
-/// in `dir`, so the daemon never reads it half written.
-fn drop_arrow(dir: &Path, name: &str, batch: &RecordBatch) {
-    let hidden = dir.join(format!(".{name}"));
-    write_arrow(&hidden, batch);
-    std::fs::rename(&hidden, dir.join(name)).expect("the input file is renamed into place");
-}
-
-fn write_arrow(path: &Path, batch: &RecordBatch) {
-    let mut writer = FileWriter::try_new(File::create(path).expect("the file is created"), &batch.schema())
-        .expect("the Arrow writer starts");
-    writer.write(batch).expect("the batch is written");
-    writer.finish().expect("the footer is written");
-}
-
-/// Writes bytes under a hidden name and renames them to `name` in `dir`.
-fn drop_bytes(dir: &Path, name: &str, bytes: &[u8]) {
-    let hidden = dir.join(format!(".{name}"));
-    std::fs::write(&hidden, bytes).expect("the input file is written");
-    std::fs::rename(&hidden, dir.join(name)).expect("the input file is renamed into place");
-}
-
-/// One committed file: its name, schema and batches.
-struct Committed {
-    name: String,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-}
-
-/// Reads the committed files of `output` whose names start with `prefix`
-/// (`part-` or `dead-`), in name order.
-fn committed(output: &Path, prefix: &str) -> Vec<Committed> {
-    let mut names: Vec<String> = std::fs::read_dir(output)
-        .expect("the output directory can be listed")
-        .map(|entry| entry.expect("the entry can be read").file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(prefix) && name.ends_with(".arrow"))
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|name| {
-            let (schema, batches) = read_arrow(&output.join(&name));
-            Committed { name, schema, batches }
-        })
-        .collect()
-}
-
-/// Counts the rows of each (id, sample) pair over `files`.
-fn id_sample_counts(files: &[Committed]) -> BTreeMap<(i64, i32), usize> {
-    let mut counts = BTreeMap::new();
-    for file in files {
-        let ids = int64(&file.batches, "id");
-        let samples = int32(&file.batches, "sample");
-        for pair in ids.into_iter().zip(samples) {
-            *counts.entry(pair).or_default() += 1;
-        }
-    }
-    counts
-}
+use crate::daemon_support::*;
 
 /// Noisy pixels of sample 0 of each id, over `files`.
-fn pixels_by_id(files: &[Committed]) -> BTreeMap<i64, Vec<f32>> {
+fn pixels_by_id(files: &[CommittedFile]) -> BTreeMap<i64, Vec<f32>> {
     let mut pixels = BTreeMap::new();
     for file in files {
         for batch in &file.batches {
@@ -293,22 +38,10 @@ fn pixels_by_id(files: &[Committed]) -> BTreeMap<i64, Vec<f32>> {
     pixels
 }
 
-fn config_sha256(file: &Committed) -> String {
+fn config_sha256(file: &CommittedFile) -> String {
     file.schema.metadata().get("stochflow.config_sha256").cloned().unwrap_or_else(|| {
         panic!("{} has no stochflow.config_sha256 metadata: {:?}", file.name, file.schema.metadata())
     })
-}
-
-/// Dead letters over `files` as (key, source, stage, error) rows.
-fn dead_letters(files: &[Committed]) -> Vec<[String; 4]> {
-    let mut rows = Vec::new();
-    for file in files {
-        let columns = ["key", "source", "stage", "error"].map(|column| strings(&file.batches, column));
-        for row in 0..columns[0].len() {
-            rows.push(columns.clone().map(|column| column[row].clone()));
-        }
-    }
-    rows
 }
 
 /// Checks that a dead letter's `source` column names the input file `file`.
@@ -327,21 +60,13 @@ source:
   settle_ms: 100
   poll_ms: 20
   read: {{kind: arrow_file, path: \"*.arrow\", id_column: id}}
-stages:
-  - {{name: input_noise, kind: add_noise, column: pixels, std: {std}, clip: [0.0, 1.0]}}
-  - {{name: classify, kind: infer, model: {model}, inputs: {{pixels: pixels}}, outputs: {{logits: logits}}, batch_size: 64}}
-  - {{name: draw_class, kind: sample, column: logits, samples: 5, output: class}}
-sink: {{kind: arrow_file, path: {output}}}
+{stages}sink: {{kind: arrow_file, path: {output}}}
 daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
 ",
         input = yaml_path(input),
+        stages = digits_stages_yaml(std, model),
         output = yaml_path(output),
-        model = yaml_path(model),
     )
-}
-
-fn mlp() -> PathBuf {
-    repo("fixtures/models/mlp_digits.onnx")
 }
 
 /// A test's directories: `in` (watched), `out` (output), and the log.
@@ -363,22 +88,23 @@ fn dirs() -> Dirs {
 }
 
 /// Starts the daemon in its own mount namespace, with a 1 MiB tmpfs mounted
-/// on `output` there, and waits for `/healthz`.
+/// on `output` there, and waits for `/healthz`. Returns the daemon and its
+/// output directory as the test reaches it.
 ///
 /// `unshare -rm` enters new user and mount namespaces without forking, and
 /// `exec` replaces the shell with the daemon, so the child's pid is the
-/// daemon's. The tmpfs exists only in that namespace, so the returned
-/// daemon's `output` is `output` reached through `/proc/PID/root`.
-fn start_on_tmpfs(pipeline: &Path, port: u16, output: &Path, log: &Path) -> Daemon {
+/// daemon's. The tmpfs exists only in that namespace, so the test reaches it
+/// through `/proc/PID/root`.
+fn start_on_tmpfs(pipeline: &Path, port: u16, output: &Path, log: &Path) -> (Daemon, PathBuf) {
     let needs = "this test runs the daemon under `unshare -rm` (util-linux) with a tmpfs mounted on its output \
                  directory, so it needs the unshare command and permission to create user and mount namespaces";
     let mut command = Command::new("unshare");
     command.args(["-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs \"$1\" && exec \"$0\" daemon \"$2\""]);
     command.arg(env!("CARGO_BIN_EXE_stochflow")).arg(output).arg(pipeline);
+    let mut daemon = Daemon::spawn(&mut command, Some(port), log)
+        .unwrap_or_else(|err| panic!("{needs}; starting unshare failed: {err}"));
     let relative = output.strip_prefix("/").expect("the output path is absolute");
-    let mut daemon =
-        Daemon::spawn(&mut command, port, log, |pid| Path::new(&format!("/proc/{pid}/root")).join(relative))
-            .unwrap_or_else(|err| panic!("{needs}; starting unshare failed: {err}"));
+    let reached = Path::new(&format!("/proc/{}/root", daemon.pid())).join(relative);
     let start = Instant::now();
     while daemon.get("/healthz").is_none() {
         if let Some(status) = daemon.exited() {
@@ -391,7 +117,7 @@ fn start_on_tmpfs(pipeline: &Path, port: u16, output: &Path, log: &Path) -> Daem
         );
         std::thread::sleep(POLL);
     }
-    daemon
+    (daemon, reached)
 }
 
 #[test]
@@ -401,9 +127,8 @@ fn full_disk_pauses_then_recovers() {
     let pipeline =
         write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
 
-    let mut daemon = start_on_tmpfs(&pipeline, port, &dirs.output, &dirs.log);
+    let (mut daemon, output) = start_on_tmpfs(&pipeline, port, &dirs.output, &dirs.log);
     let pid = daemon.pid();
-    let output = daemon.output.clone();
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).expect("the daemon's mounts can be read");
     let output_text = dirs.output.to_str().expect("test paths are UTF-8");
     assert!(
@@ -426,7 +151,7 @@ fn full_disk_pauses_then_recovers() {
 
     let names = ["batch-0.arrow", "batch-1.arrow", "batch-2.arrow"];
     for (i, name) in names.iter().enumerate() {
-        drop_arrow(&dirs.input, name, &digits(i * 40..(i + 1) * 40));
+        drop_arrow(&dirs.input, name, &digits_slice(i * 40..(i + 1) * 40));
     }
 
     let body = daemon.wait_for("/readyz to return 503", |d| match d.get("/readyz") {
@@ -440,51 +165,30 @@ fn full_disk_pauses_then_recovers() {
     let failures = daemon.metric("stochflow_commit_failures_total").expect("the commit failure counter is exported");
     assert!(failures > 0.0, "stochflow_commit_failures_total counts the failed commits, found {failures}");
     assert_eq!(daemon.metric("stochflow_accepting"), Some(0.0), "stochflow_accepting is 0 while commits fail");
-    assert!(committed(&output, "part-").is_empty(), "no output file is committed while the disk is full");
+    assert!(read_committed(&output, "part-").is_empty(), "no output file is committed while the disk is full");
 
     std::fs::remove_file(&filler_path).expect("the filler file is removed");
     daemon.wait_for("/readyz to return 200 after the disk has room", |d| {
         (d.get("/readyz").map(|(status, _)| status) == Some(200)).then_some(())
     });
     for name in names {
-        daemon.wait_committed(name);
+        daemon.wait_committed(&output, name);
     }
     assert_eq!(daemon.metric("stochflow_accepting"), Some(1.0), "stochflow_accepting is 1 again after recovery");
     assert!(daemon.log().contains("commits succeed again"), "the log records the recovery:\n{}", daemon.log());
 
     // The tmpfs goes away with the daemon's mount namespace, so read the
     // output before stopping it.
-    let parts = committed(&output, "part-");
-    assert!(committed(&output, "dead-").is_empty(), "no record is dead-lettered by a full disk");
+    let parts = read_committed(&output, "part-");
+    assert!(read_committed(&output, "dead-").is_empty(), "no record is dead-lettered by a full disk");
     let counts = id_sample_counts(&parts);
-    let expected: BTreeMap<(i64, i32), usize> =
-        int64(&[digits(0..120)], "id").into_iter().flat_map(|id| (0..5).map(move |sample| ((id, sample), 1))).collect();
+    let expected: BTreeMap<(i64, i32), usize> = int64(&[digits_slice(0..120)], "id")
+        .into_iter()
+        .flat_map(|id| (0..5).map(move |sample| ((id, sample), 1)))
+        .collect();
     assert_eq!(counts, expected, "every input record is in the output exactly once, with 5 samples each");
 
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM after recovery exits 0; log:\n{}", daemon.log());
-}
-
-/// Rows `range` of the digits test set with `pixels` as a plain
-/// `List<Float32>` column, the row at index `short_row` of the slice (if
-/// any) cut to 63 values.
-fn digits_as_lists(range: Range<usize>, short_row: Option<usize>) -> RecordBatch {
-    let batch = digits(range);
-    let ids = batch.column_by_name("id").expect("the fixture has ids").clone();
-    let pixels = batch.column_by_name("pixels").expect("the fixture has pixels").as_fixed_size_list();
-    let mut lists = ListBuilder::new(Float32Builder::new());
-    for row in 0..batch.num_rows() {
-        let values = pixels.value(row);
-        let values = values.as_primitive::<Float32Type>().values();
-        let length = if Some(row) == short_row { 63 } else { 64 };
-        lists.values().append_slice(&values[..length]);
-        lists.append(true);
-    }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Int64, false),
-        Field::new("pixels", DataType::List(Arc::new(Field::new("item", DataType::Float32, true))), true),
-    ]));
-    RecordBatch::try_new(schema, vec![ids, Arc::new(lists.finish())]).expect("the columns match the schema")
+    daemon.stop(TIMEOUT);
 }
 
 #[test]
@@ -511,7 +215,7 @@ daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
         model = yaml_path(&mlp()),
     );
     let pipeline = write_pipeline(dirs.root.path(), "lists.yaml", &yaml);
-    let mut daemon = Daemon::start(&pipeline, &[], port, &dirs.output, &dirs.log);
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
 
     // A good file, a file without its footer and a file with one short row,
@@ -526,17 +230,17 @@ daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
     let short_id = int64(std::slice::from_ref(&short_rows), "id")[5];
     drop_arrow(&dirs.input, "c_short_row.arrow", &short_rows);
     for name in ["a_good.arrow", "b_footerless.arrow", "c_short_row.arrow"] {
-        daemon.wait_committed(name);
+        daemon.wait_committed(&dirs.output, name);
     }
     assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "the daemon stays healthy");
 
     // A good file dropped afterwards is still processed.
     drop_arrow(&dirs.input, "d_good.arrow", &digits_as_lists(60..80, None));
-    daemon.wait_committed("d_good.arrow");
+    daemon.wait_committed(&dirs.output, "d_good.arrow");
     assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "the daemon stays healthy");
     assert!(daemon.exited().is_none(), "the daemon keeps running after corrupt inputs");
 
-    let dead = dead_letters(&committed(&dirs.output, "dead-"));
+    let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
     assert_eq!(dead.len(), 2, "one dead letter for the footerless file and one for the short row: {dead:?}");
     let footer_letter = dead.iter().find(|row| row[0] == "b_footerless.arrow");
     let footer_letter =
@@ -556,13 +260,12 @@ daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
     );
 
     let ids: BTreeSet<i64> =
-        id_sample_counts(&committed(&dirs.output, "part-")).into_keys().map(|(id, _)| id).collect();
-    let good_rows = [digits(0..20), digits(40..60), digits(60..80)];
+        id_sample_counts(&read_committed(&dirs.output, "part-")).into_keys().map(|(id, _)| id).collect();
+    let good_rows = [digits_slice(0..20), digits_slice(40..60), digits_slice(60..80)];
     let expected: BTreeSet<i64> = int64(&good_rows, "id").into_iter().filter(|&id| id != short_id).collect();
     assert_eq!(ids, expected, "the good rows, those of the short row's file included, are in the output");
 
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", daemon.log());
+    daemon.stop(TIMEOUT);
 }
 
 /// Returns a daemon pipeline that decodes and classifies the PNG files dropped into
@@ -593,7 +296,7 @@ fn truncated_png_is_dead_lettered() {
     let dirs = dirs();
     let port = free_port();
     let pipeline = write_pipeline(dirs.root.path(), "photos.yaml", &photos_pipeline(&dirs, port));
-    let mut daemon = Daemon::start(&pipeline, &[], port, &dirs.output, &dirs.log);
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
 
     let photo = |name: &str| std::fs::read(repo(&format!("fixtures/photos/{name}"))).expect("the photo exists");
@@ -601,13 +304,13 @@ fn truncated_png_is_dead_lettered() {
     drop_bytes(&dirs.input, "astronaut.png", &photo("astronaut.png"));
     drop_bytes(&dirs.input, "truncated.png", &chelsea[..chelsea.len() / 3]);
     for name in ["astronaut.png", "truncated.png"] {
-        daemon.wait_committed(name);
+        daemon.wait_committed(&dirs.output, name);
     }
     drop_bytes(&dirs.input, "coffee.png", &photo("coffee.png"));
-    daemon.wait_committed("coffee.png");
+    daemon.wait_committed(&dirs.output, "coffee.png");
     assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "the daemon stays healthy");
 
-    let dead = dead_letters(&committed(&dirs.output, "dead-"));
+    let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
     assert_eq!(dead.len(), 1, "only the truncated PNG is dead-lettered: {dead:?}");
     let [key, _, stage, error] = &dead[0];
     assert_eq!(key, "truncated.png", "the dead letter's key is the image's file name");
@@ -616,12 +319,11 @@ fn truncated_png_is_dead_lettered() {
     assert!(!error.is_empty(), "the dead letter gives the decoding error");
 
     let paths: BTreeSet<String> =
-        committed(&dirs.output, "part-").iter().flat_map(|file| strings(&file.batches, "path")).collect();
+        read_committed(&dirs.output, "part-").iter().flat_map(|file| strings(&file.batches, "path")).collect();
     let expected: BTreeSet<String> = ["astronaut.png", "coffee.png"].map(String::from).into();
     assert_eq!(paths, expected, "the good images are in the output");
 
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", daemon.log());
+    daemon.stop(TIMEOUT);
 }
 
 #[test]
@@ -629,7 +331,7 @@ fn dead_letter_names_one_source() {
     let dirs = dirs();
     let port = free_port();
     let pipeline = write_pipeline(dirs.root.path(), "photos.yaml", &photos_pipeline(&dirs, port));
-    let mut daemon = Daemon::start(&pipeline, &[], port, &dirs.output, &dirs.log);
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
 
     // The good image and the truncated one reach the `infer` stage's
@@ -637,14 +339,13 @@ fn dead_letter_names_one_source() {
     let photo = std::fs::read(repo("fixtures/photos/astronaut.png")).expect("the photo exists");
     drop_bytes(&dirs.input, "good.png", &photo);
     drop_bytes(&dirs.input, "truncated.png", &photo[..photo.len() / 3]);
-    daemon.wait_committed("good.png");
-    daemon.wait_committed("truncated.png");
+    daemon.wait_committed(&dirs.output, "good.png");
+    daemon.wait_committed(&dirs.output, "truncated.png");
 
-    let dead = dead_letters(&committed(&dirs.output, "dead-"));
+    let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
     assert_eq!(dead.len(), 1, "only the truncated PNG is dead-lettered: {dead:?}");
     assert_eq!(dead[0][1], "truncated.png", "the dead letter's source is the truncated file alone");
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", daemon.log());
+    daemon.stop(TIMEOUT);
 }
 
 #[test]
@@ -653,14 +354,14 @@ fn sighup_reloads_or_keeps_old_pipeline() {
     let port = free_port();
     let pipeline =
         write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, &[], port, &dirs.output, &dirs.log);
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
 
     // Every file contains the same ids, so equal settings give equal noise.
-    let records = digits(0..20);
+    let records = digits_slice(0..20);
     drop_arrow(&dirs.input, "a.arrow", &records);
-    daemon.wait_committed("a.arrow");
-    let first = committed(&dirs.output, "part-");
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    let first = read_committed(&dirs.output, "part-");
 
     // A good edit: more input noise.
     write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.3, &mlp()));
@@ -668,8 +369,8 @@ fn sighup_reloads_or_keeps_old_pipeline() {
     daemon.wait_metric("stochflow_reloads_total{result=\"ok\"}", 1.0);
     daemon.wait_log("reloaded pipeline running");
     drop_arrow(&dirs.input, "b.arrow", &records);
-    daemon.wait_committed("b.arrow");
-    let second: Vec<Committed> = committed(&dirs.output, "part-").into_iter().skip(first.len()).collect();
+    daemon.wait_committed(&dirs.output, "b.arrow");
+    let second: Vec<CommittedFile> = read_committed(&dirs.output, "part-").into_iter().skip(first.len()).collect();
     assert!(!second.is_empty(), "b.arrow is committed in new files");
     for file in &second {
         assert_ne!(config_sha256(file), config_sha256(&first[0]), "{} is written under the new settings", file.name);
@@ -713,8 +414,9 @@ fn sighup_reloads_or_keeps_old_pipeline() {
 
     // The pipeline loaded by the good reload keeps running.
     drop_arrow(&dirs.input, "c.arrow", &records);
-    daemon.wait_committed("c.arrow");
-    let third: Vec<Committed> = committed(&dirs.output, "part-").into_iter().skip(first.len() + second.len()).collect();
+    daemon.wait_committed(&dirs.output, "c.arrow");
+    let third: Vec<CommittedFile> =
+        read_committed(&dirs.output, "part-").into_iter().skip(first.len() + second.len()).collect();
     assert!(!third.is_empty(), "c.arrow is committed in new files");
     for file in &third {
         assert_eq!(
@@ -726,8 +428,7 @@ fn sighup_reloads_or_keeps_old_pipeline() {
     }
     assert_eq!(pixels_by_id(&third), new_pixels, "c.arrow gets the same noise as b.arrow");
 
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", daemon.log());
+    daemon.stop(TIMEOUT);
 }
 
 #[test]
@@ -774,12 +475,11 @@ fn json_logs_one_object_per_line() {
     let port = free_port();
     let pipeline =
         write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, &["--log-format", "json"], port, &dirs.output, &dirs.log);
+    let mut daemon = Daemon::start_with_args(&["--log-format", "json"], &pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
-    drop_arrow(&dirs.input, "a.arrow", &digits(0..20));
-    daemon.wait_committed("a.arrow");
-    let status = daemon.stop();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", daemon.log());
+    drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..20));
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    daemon.stop(TIMEOUT);
 
     let log = daemon.log();
     let mut events = Vec::new();

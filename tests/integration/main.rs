@@ -15,6 +15,8 @@ mod commands;
 mod daemon_delivery;
 /// The daemon in operation: full disk, corrupt inputs, reloads, bad settings, JSON logs.
 mod daemon_operation;
+/// Shared helpers of the daemon tests: the process guard, HTTP and metrics, inputs, output readers.
+mod daemon_support;
 /// Same seed, same bytes, whatever the batching and parallelism.
 mod determinism;
 /// PNG output of `sink.images`: pixel mapping, file names, the generator pipelines.
