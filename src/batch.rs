@@ -101,26 +101,12 @@ impl<'a> Keys<'a> {
         if self.column.is_null(row) {
             return f(b"<null>");
         }
-        let mut digits = [0u8; 20];
-        let integer = |value: i128, digits: &mut [u8; 20]| -> usize {
-            use std::io::Write;
-            let mut cursor = std::io::Cursor::new(&mut digits[..]);
-            write!(cursor, "{value}").expect("20 bytes hold any 64-bit integer");
-            cursor.position() as usize
-        };
+        // itoa writes the same digits as Display, without the formatting machinery.
+        let mut digits = itoa::Buffer::new();
         match self.column.data_type() {
-            DataType::Int64 => {
-                let len = integer(i128::from(self.column.as_primitive::<Int64Type>().value(row)), &mut digits);
-                f(&digits[..len])
-            }
-            DataType::Int32 => {
-                let len = integer(i128::from(self.column.as_primitive::<Int32Type>().value(row)), &mut digits);
-                f(&digits[..len])
-            }
-            DataType::UInt64 => {
-                let len = integer(i128::from(self.column.as_primitive::<UInt64Type>().value(row)), &mut digits);
-                f(&digits[..len])
-            }
+            DataType::Int64 => f(digits.format(self.column.as_primitive::<Int64Type>().value(row)).as_bytes()),
+            DataType::Int32 => f(digits.format(self.column.as_primitive::<Int32Type>().value(row)).as_bytes()),
+            DataType::UInt64 => f(digits.format(self.column.as_primitive::<UInt64Type>().value(row)).as_bytes()),
             DataType::Utf8 => f(self.column.as_string::<i32>().value(row).as_bytes()),
             DataType::LargeUtf8 => f(self.column.as_string::<i64>().value(row).as_bytes()),
             other => unreachable!("key column type {other} is rejected in Keys::new"),
