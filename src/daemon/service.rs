@@ -1,8 +1,8 @@
 //! The daemon's life cycle: recovery, generations of the pipeline, signals.
 //!
 //! A generation is one planned pipeline running over the input. It ends on a
-//! stop signal, or on SIGHUP when the reloaded file plans without problems;
-//! either way intake stops, the batches in flight are finished and
+//! stop signal, or on SIGHUP when the reloaded file plans without problems.
+//! Either way intake stops, the batches in flight are finished and
 //! committed, and the checkpoint is written. A reload then starts the next
 //! generation from that checkpoint. A second stop signal exits at once, and
 //! the next start resumes from the last checkpoint.
@@ -39,7 +39,7 @@ enum Control {
     Reload,
 }
 
-/// What the daemon shares between generations.
+/// State shared by all generations.
 struct Shared {
     pipeline_file: PathBuf,
     seed: Option<u64>,
@@ -49,7 +49,7 @@ struct Shared {
     durable: watch::Sender<Arc<Checkpoint>>,
 }
 
-/// How a generation ended.
+/// The step after a generation ends.
 enum Next {
     Stop,
     Reload(Box<(LoadedConfig, PlannedStages)>),
@@ -240,7 +240,7 @@ async fn run_generation(
         RotatingSink::new(&shared.output_dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
     if let crate::config::SourceConfig::Watch(watch) = &config.source {
         // A file removed from the directory cannot come back under its
-        // name unless it is new, so the checkpoint forgets it.
+        // name unless it is new, so the checkpoint drops it.
         let dir = watch.path.clone();
         sink.prune_complete_units(Box::new(move |name| dir.join(name).exists()));
     }
@@ -270,9 +270,9 @@ async fn run_generation(
                 }
             }
             joined = &mut source_task => {
-                // The input returns early only on an error or when a stage
-                // failed and closed the channel; the stage's error is the one
-                // worth reporting then.
+                // The input returns early only on an error, or when a stage
+                // failed and closed the channel. In that case the stage's
+                // error is the one to report.
                 failure = Some(match joined {
                     Ok((_, Err(err))) => anyhow::Error::new(err).context("reading the input failed"),
                     Ok((_, Ok(()))) => match tasks.join_next().await {
@@ -325,7 +325,7 @@ async fn run_generation(
 /// Receives the pipeline's output, commits it as files rotate, and publishes
 /// each new checkpoint. Returns the checkpoint of the last commit.
 ///
-/// A file due for a commit that holds rows without a covering mark waits for
+/// A file due for a commit that contains rows without a covering mark waits for
 /// a batch that ends a source batch; `flush_request` asks the regroupings
 /// for one meanwhile.
 async fn run_sink(
