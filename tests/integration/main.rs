@@ -15,6 +15,8 @@ mod commands;
 mod daemon_delivery;
 /// The daemon in operation: full disk, corrupt inputs, reloads, bad settings, JSON logs.
 mod daemon_operation;
+/// The daemon's socket source: acks, exactly once across kill -9 and resends, bad streams, SIGTERM, pyarrow.
+mod daemon_socket;
 /// Shared helpers of the daemon tests: the process guard, HTTP and metrics, inputs, output readers.
 mod daemon_support;
 /// Same seed, same bytes, whatever the batching and parallelism.
