@@ -55,7 +55,7 @@ impl fmt::Display for Located<'_> {
 }
 
 /// A parsed pipeline file with its paths resolved.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadedConfig {
     pub config: PipelineConfig,
     pub file: PathBuf,

@@ -9,7 +9,7 @@ use yaml_rust2::scanner::Marker;
 /// Line and column (both 1-based) of every key and sequence item in a document.
 /// yaml-rust2 0.13 reports lines from 1 and columns from 0; columns are
 /// shifted here.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Locator {
     positions: HashMap<String, (usize, usize)>,
 }

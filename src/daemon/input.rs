@@ -40,6 +40,14 @@ impl Input {
         }
     }
 
+    /// Sets the check that the first input's schema must pass.
+    pub fn set_schema_check(&mut self, check: crate::source::SchemaCheck) {
+        match self {
+            Input::Watch(source) => source.set_schema_check(check),
+            Input::Socket(source) => source.set_schema_check(check),
+        }
+    }
+
     /// Waits for the first input and returns its schema and key column.
     pub fn wait_for_schema(
         &mut self,

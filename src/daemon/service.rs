@@ -10,8 +10,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -115,13 +115,32 @@ async fn supervise(
 ) -> anyhow::Result<ExitCode> {
     shared.health.set_ready(true, "");
     shared.metrics.set_accepting(true);
+
+    // The stages are planned against the first input that fits them; an
+    // input that does not is rejected, and the daemon goes on waiting.
+    let first_plan: Arc<Mutex<Option<PlannedStages>>> = Arc::default();
+    let snapshot = Arc::new(loaded.clone());
+    let planned_config = serde_json::to_value(&loaded.config).ok();
+    let stash = first_plan.clone();
+    input.set_schema_check(Arc::new(move |schema, key_column| {
+        let planned =
+            runtime::plan_stages(&snapshot, schema.clone(), key_column.to_string()).map_err(|err| error_chain(&err))?;
+        *stash.lock().expect("the plan lock is never poisoned") = Some(planned);
+        Ok(())
+    }));
     let (returned, found) = wait_for_schema(&shared, &mut loaded, input, &checkpoint, &mut control).await?;
     input = returned;
     let Some((schema, key_column)) = found else {
         tracing::info!("daemon stopped before any input arrived");
         return Ok(ExitCode::SUCCESS);
     };
-    let mut planned = runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?;
+    let stashed = first_plan.lock().expect("the plan lock is never poisoned").take();
+    let mut planned = match stashed {
+        Some(planned) if serde_json::to_value(&loaded.config).ok() == planned_config => planned,
+        // NOTE: a reload while waiting is checked against the first input
+        // only here, so a reloaded file that does not fit it stops the daemon.
+        _ => runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?,
+    };
     loop {
         let (returned, durable, next) =
             run_generation(&shared, &loaded, planned, input, checkpoint, &mut control, &schema, &key_column).await?;

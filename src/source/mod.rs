@@ -58,6 +58,11 @@ impl SourceError {
     }
 }
 
+/// Tells whether the first input's schema and key column fit the pipeline;
+/// `Err` carries the reason. The daemon's sources take their schema from
+/// the first input that passes it.
+pub type SchemaCheck = std::sync::Arc<dyn Fn(&SchemaRef, &str) -> Result<(), String> + Send + Sync>;
+
 /// A finite or endless supply of record batches.
 pub trait Source: Send {
     /// Schema of every batch the source yields.

@@ -35,7 +35,8 @@
 //!
 //! The client ends its stream by closing its write side or by writing the
 //! IPC end-of-stream marker. It may keep reading: the daemon sends acks until
-//! every record the connection sent is durable, then closes the connection.
+//! every record of the stream it accepted is durable, including records sent
+//! on earlier connections, then closes the connection.
 //!
 //! These errors close a connection:
 //!
@@ -45,6 +46,9 @@
 //!   stream's columns;
 //! - converted columns that differ from the source's, which the first
 //!   connection sets;
+//! - for the first connection, columns that the pipeline's stages cannot be
+//!   planned against (such as a tensor of another shape than the model's
+//!   input); the next connection may then set the columns;
 //! - a gap;
 //! - a message that cannot be decoded, or a stream that ends inside a message.
 //!
@@ -136,6 +140,8 @@ struct Shared {
     /// The schema and key column that every connection's converted batches
     /// must have: the first connection's, or the one given to `set_schema`.
     schema: watch::Sender<Option<(SchemaRef, String)>>,
+    /// The check the first connection's schema must pass.
+    schema_check: Mutex<Option<super::SchemaCheck>>,
     streams: Mutex<Streams>,
     batches: mpsc::Sender<Batch>,
 }
@@ -170,6 +176,7 @@ impl SocketSource {
             config: config.clone(),
             durable,
             schema: watch::Sender::new(None),
+            schema_check: Mutex::new(None),
             streams: Mutex::new(Streams::default()),
             batches: sender,
         });
@@ -202,6 +209,12 @@ impl SocketSource {
             let _ = self.runtime.block_on(tokio::time::timeout(POLL_INTERVAL, schema.changed()));
         }
         Ok(None)
+    }
+
+    /// Sets the check that the first connection's schema must pass; a
+    /// connection that fails it gets an error and the schema stays open.
+    pub fn set_schema_check(&mut self, check: super::SchemaCheck) {
+        *self.shared.schema_check.lock().expect("the schema check lock is never poisoned") = Some(check);
     }
 
     /// Sets the schema and key column every connection must have, as
@@ -775,6 +788,14 @@ impl Shared {
     /// checks that a later connection's matches it.
     fn check_schema(&self, converter: &Converter) -> Result<(), String> {
         let schema = converter.schema();
+        if self.schema.borrow().is_none() {
+            let check = self.schema_check.lock().expect("the schema check lock is never poisoned").clone();
+            if let Some(check) = check {
+                // Planning loads the models, so it leaves the async worker thread.
+                tokio::task::block_in_place(|| check(&schema, converter.key_column()))
+                    .map_err(|reason| format!("the stream's columns do not fit the pipeline: {reason}"))?;
+            }
+        }
         let mut mismatch = None;
         self.schema.send_if_modified(|expected| match expected {
             None => {

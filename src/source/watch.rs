@@ -26,7 +26,7 @@ use arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use tokio::sync::mpsc;
 
-use super::{ORDINAL_COLUMN, Source, SourceError};
+use super::{ORDINAL_COLUMN, SchemaCheck, Source, SourceError};
 use crate::batch::{Batch, Mark, ORIGIN_COLUMN, Rejected};
 use crate::config::{SourceConfig, WatchSourceConfig};
 use crate::sink::checkpoint::Checkpoint;
@@ -44,6 +44,10 @@ pub struct WatchSource {
     started: HashSet<String>,
     /// The schema of the first file read, which every file must share.
     schema: Option<(SchemaRef, String)>,
+    schema_check: Option<SchemaCheck>,
+    /// Files whose schema failed the check, so they are not tried again
+    /// for the schema. Once the schema is known, they are read and rejected.
+    unfit: HashSet<String>,
 }
 
 /// One file's records, read with the `read` source.
@@ -86,16 +90,29 @@ impl WatchSource {
                 message: format!("{} is not a directory; choose a directory to watch", config.path.display()),
             });
         }
-        Ok(Self { config: config.clone(), pattern, candidates: HashMap::new(), started: HashSet::new(), schema: None })
+        Ok(Self {
+            config: config.clone(),
+            pattern,
+            candidates: HashMap::new(),
+            started: HashSet::new(),
+            schema: None,
+            schema_check: None,
+            unfit: HashSet::new(),
+        })
     }
 
     pub fn directory(&self) -> &Path {
         &self.config.path
     }
 
-    /// Waits for the first complete file that can be opened and returns the
-    /// schema and key column of its batches; every file must share them.
-    /// Returns `None` if `stop` is set first.
+    /// Sets the check that the first file's schema must pass.
+    pub fn set_schema_check(&mut self, check: SchemaCheck) {
+        self.schema_check = Some(check);
+    }
+
+    /// Waits for the first complete file that can be opened and passes the
+    /// schema check, and returns the schema and key column of its batches;
+    /// every file must share them. Returns `None` if `stop` is set first.
     pub fn wait_for_schema(
         &mut self,
         durable: &Checkpoint,
@@ -106,8 +123,18 @@ impl WatchSource {
                 return Ok(Some(known.clone()));
             }
             for name in self.settled_files(durable)? {
+                if self.unfit.contains(&name) {
+                    continue;
+                }
                 match self.open_file(&name) {
                     Ok(reader) => {
+                        if let Some(check) = &self.schema_check
+                            && let Err(reason) = check(&reader.schema, &reader.key_column)
+                        {
+                            tracing::warn!(file = %name, reason = %reason, "input file does not fit the pipeline; it goes to the dead letters once another file's columns start the pipeline");
+                            self.unfit.insert(name);
+                            continue;
+                        }
                         let known = (reader.schema.clone(), reader.key_column.clone());
                         self.schema = Some(known.clone());
                         return Ok(Some(known));

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type};
@@ -501,4 +501,34 @@ fn json_logs_one_object_per_line() {
     let size = std::fs::metadata(&part).expect("the committed file exists").len();
     assert_eq!(committed_event["fields"]["bytes"], size, "the event gives the committed file's size");
     assert_eq!(committed_event["level"], "INFO", "the event is logged at INFO");
+}
+
+/// A first file whose columns do not fit the stages must not stop the
+/// daemon: it waits for a file that fits, plans against it, and sends the
+/// unfit one to the dead letters.
+#[test]
+fn unfit_first_file_is_dead_lettered() {
+    let dirs = dirs();
+    let port = free_port();
+    let pipeline =
+        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
+    daemon.wait_healthy();
+
+    let ids_only = digits_slice(0..10).project(&[0]).expect("the id column is projected");
+    drop_arrow(&dirs.input, "a_ids_only.arrow", &ids_only);
+    daemon.wait_log("does not fit the pipeline");
+    assert!(daemon.is_running(), "an unfit first file leaves the daemon running; log:\n{}", daemon.log_tail());
+    assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "/healthz after the unfit file");
+
+    drop_arrow(&dirs.input, "b_good.arrow", &digits_slice(10..30));
+    daemon.wait_committed(&dirs.output, "b_good.arrow");
+    daemon.wait_committed(&dirs.output, "a_ids_only.arrow");
+    let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
+    assert_eq!(dead.len(), 1, "the unfit file is one dead letter: {dead:?}");
+    assert_eq!(dead[0][0], "a_ids_only.arrow", "the dead letter is keyed by the file name");
+    assert_eq!(dead[0][1], "a_ids_only.arrow", "the dead letter names the file as its source");
+    let counts = id_sample_counts(&read_committed(&dirs.output, "part-"));
+    assert_eq!(counts.len(), 20 * 5, "the good file's 20 records have 5 samples each in the output");
+    daemon.stop(Duration::from_secs(10));
 }

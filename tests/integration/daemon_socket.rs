@@ -668,3 +668,57 @@ fn python_client_receives_acks() {
     assert_output_equals_clean_run(&setup);
     daemon.stop(TIMEOUT);
 }
+
+/// A first connection whose columns do not fit the stages gets an error and
+/// the daemon keeps serving; the next connection that fits starts the
+/// pipeline.
+#[test]
+fn unfit_first_stream_is_rejected() {
+    let setup = setup(false);
+    // Without `tensors`, the columns go to the stages as sent.
+    let yaml = std::fs::read_to_string(&setup.pipeline).expect("the pipeline file is read");
+    let yaml: String = yaml.lines().filter(|line| !line.contains("tensors:")).map(|line| format!("{line}\n")).collect();
+    std::fs::write(&setup.pipeline, yaml).expect("the pipeline file is written");
+    let mut daemon = setup.start("daemon");
+
+    let narrow = digits_slice(0..10);
+    let ids = narrow.column_by_name("id").expect("the fixture has ids").clone();
+    let pixels = arrow::array::FixedSizeListArray::try_new(
+        Arc::new(arrow::datatypes::Field::new("item", arrow::datatypes::DataType::Float32, false)),
+        32,
+        Arc::new(arrow::array::Float32Array::from(vec![0.5f32; 10 * 32])),
+        None,
+    )
+    .expect("a list of 32 values per row");
+    let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        vec![
+            arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
+            arrow::datatypes::Field::new("pixels", arrow::array::Array::data_type(&pixels).clone(), false),
+        ],
+        std::collections::HashMap::from([(String::from("stochflow.stream"), String::from("narrow"))]),
+    ));
+    let mut client = setup.connect();
+    client.start_stream(&schema);
+    assert_eq!(client.ack("narrow"), 0, "the first reply comes before the columns are checked");
+    client.send(&RecordBatch::try_new(schema.clone(), vec![ids, Arc::new(pixels)]).expect("the batch is built"));
+    client.end_stream();
+    let error = client.error();
+    assert!(error.contains("do not fit the pipeline"), "the error says the columns do not fit: {error}");
+    assert!(error.contains("[32]"), "the error names the shape that does not fit: {error}");
+    assert!(daemon.is_running(), "an unfit first stream leaves the daemon running; log:\n{}", daemon.log_tail());
+
+    let mut good = setup.connect();
+    let digits = digits_slice(0..50);
+    let schema =
+        Arc::new(digits.schema().as_ref().clone().with_metadata(std::collections::HashMap::from([(
+            String::from("stochflow.stream"),
+            String::from("fits"),
+        )])));
+    good.start_stream(&schema);
+    assert_eq!(good.ack("fits"), 0, "the first reply of a new stream says nothing is committed");
+    good.send(&RecordBatch::try_new(schema.clone(), digits.columns().to_vec()).expect("the columns are unchanged"));
+    good.end_stream();
+    assert_acks_rise_to(&good.acks_until_closed("fits"), 50);
+    assert_each_id_once(&setup.output, &digit_ids(0..50));
+    daemon.stop(TIMEOUT);
+}
