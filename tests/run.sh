@@ -32,8 +32,7 @@ trap 'rm -rf "$rebuilt"' EXIT
 )
 
 echo "== building and loading ONNX Runtime"
-cargo build --quiet
-./target/debug/stochflow validate pipelines/digits.yaml
+cargo run --quiet -- validate pipelines/digits.yaml
 
 echo "== cargo test"
 STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_PYARROW=1 cargo test "$@"

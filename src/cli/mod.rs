@@ -102,6 +102,15 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+/// Ends the process at once with `code`, without running exit handlers:
+/// ONNX Runtime's would tear down its environment while sessions still run
+/// on other threads, and those would log errors that look like model faults.
+pub fn exit_now(code: u8) -> ! {
+    // SAFETY: `_exit` takes no pointers and never returns; skipping exit
+    // handlers is its purpose here.
+    unsafe { libc::_exit(i32::from(code)) }
+}
+
 /// Exit code of a run that finished but skipped records.
 pub const EXIT_SKIPPED: u8 = 2;
 /// Exit code of a run stopped by SIGINT (Ctrl-C).

@@ -42,7 +42,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
             if next_stop_signal().await.is_some() {
                 // Exiting skips the sink's cleanup, so its partial file is removed here.
                 let _ = std::fs::remove_file(&partial);
-                std::process::exit(i32::from(code));
+                super::exit_now(code);
             }
         });
         let result = runtime::execute(pipeline, sink, counters).await;

@@ -20,7 +20,7 @@ impl Input {
     /// Opens the configured input: checks the directory, or binds the socket.
     pub fn open(config: &SourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
         match config {
-            SourceConfig::Watch(c) => Ok(Input::Watch(WatchSource::new(c)?)),
+            SourceConfig::Watch(c) => Ok(Input::Watch(WatchSource::new(c, durable)?)),
             SourceConfig::Socket(c) => Ok(Input::Socket(SocketSource::new(c, durable)?)),
             other => Err(SourceError::Config {
                 path: String::from("source.kind"),

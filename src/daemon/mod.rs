@@ -6,4 +6,4 @@ mod input;
 pub mod metrics;
 mod service;
 
-pub use service::run;
+pub use service::{check, run};

@@ -27,6 +27,10 @@ use crate::runtime::{self, ChainOptions, PlannedStages, RunError, StageObserver,
 use crate::sink::checkpoint::{self, Checkpoint};
 use crate::sink::{FileFormat, RotatingSink, SinkError};
 
+/// Rejected records logged one by one, then one line in this many.
+const REJECTION_LOG_LIMIT: u64 = 20;
+const REJECTION_LOG_EVERY: u64 = 1000;
+
 /// Exit code of a stop whose drain did not finish in time.
 const EXIT_DRAIN_TIMEOUT: u8 = 1;
 
@@ -47,6 +51,10 @@ struct Shared {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     durable: watch::Sender<Arc<Checkpoint>>,
+    /// Whether the last commit attempt failed.
+    commit_failing: AtomicBool,
+    /// Whether a generation is draining, so the daemon is not ready.
+    draining: AtomicBool,
 }
 
 /// The step after a generation ends.
@@ -60,9 +68,12 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
     let loaded = load(pipeline_file, seed)?;
     let SinkConfig::ArrowFile(sink) = &loaded.config.sink;
     let output_dir = sink.path.clone();
+    // Held until the process exits: recovery removes other writers' files.
+    let _lock = lock_output(&output_dir)?;
     let checkpoint = checkpoint::recover(&output_dir)?;
     tracing::info!(
         pipeline = %pipeline_file.display(),
+        seed = loaded.config.seed,
         output = %output_dir.display(),
         next_file = checkpoint.next_file,
         units_durable = checkpoint.units.len(),
@@ -79,9 +90,16 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new()),
             durable,
+            commit_failing: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         });
         let (control_tx, control) = mpsc::channel(4);
         tokio::spawn(watch_signals(control_tx));
+        let input = Input::open(&loaded.config.source, durable_rx).map_err(|err| {
+            anyhow::anyhow!(
+                loaded.error(vec![ConfigProblem::new(err.config_path().unwrap_or("source.path"), error_chain(&err))])
+            )
+        })?;
         let http_server = match &loaded.config.daemon.http {
             Some(address) => {
                 let address: SocketAddr = address.parse().expect("the address is checked when the file is loaded");
@@ -91,12 +109,6 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
             }
             None => None,
         };
-
-        let input = Input::open(&loaded.config.source, durable_rx).map_err(|err| {
-            anyhow::anyhow!(
-                loaded.error(vec![ConfigProblem::new(err.config_path().unwrap_or("source.path"), error_chain(&err))])
-            )
-        })?;
         let code = supervise(shared.clone(), loaded, input, checkpoint, control).await?;
         if let Some(server) = http_server {
             server.abort();
@@ -118,27 +130,32 @@ async fn supervise(
 
     // The stages are planned against the first input that fits them; an
     // input that does not is rejected, and the daemon goes on waiting.
-    let first_plan: Arc<Mutex<Option<PlannedStages>>> = Arc::default();
-    let snapshot = Arc::new(loaded.clone());
-    let planned_config = serde_json::to_value(&loaded.config).ok();
-    let stash = first_plan.clone();
+    // The check plans against the configuration current at that moment, and
+    // a reload while waiting replaces it.
+    let first_plan: Arc<Mutex<Option<(serde_json::Value, PlannedStages)>>> = Arc::default();
+    let current = Arc::new(Mutex::new(Arc::new(loaded.clone())));
+    let (stash, config) = (first_plan.clone(), current.clone());
     input.set_schema_check(Arc::new(move |schema, key_column| {
+        let loaded = config.lock().expect("the configuration lock is never poisoned").clone();
         let planned =
-            runtime::plan_stages(&snapshot, schema.clone(), key_column.to_string()).map_err(|err| error_chain(&err))?;
-        *stash.lock().expect("the plan lock is never poisoned") = Some(planned);
+            runtime::plan_stages(&loaded, schema.clone(), key_column.to_string()).map_err(|err| error_chain(&err))?;
+        let planned_config = serde_json::to_value(&loaded.config).expect("a pipeline config always serializes");
+        *stash.lock().expect("the plan lock is never poisoned") = Some((planned_config, planned));
         Ok(())
     }));
-    let (returned, found) = wait_for_schema(&shared, &mut loaded, input, &checkpoint, &mut control).await?;
+    let (returned, found) = wait_for_schema(&shared, &mut loaded, &current, input, &checkpoint, &mut control).await?;
     input = returned;
     let Some((schema, key_column)) = found else {
         tracing::info!("daemon stopped before any input arrived");
         return Ok(ExitCode::SUCCESS);
     };
     let stashed = first_plan.lock().expect("the plan lock is never poisoned").take();
+    let current_config = serde_json::to_value(&loaded.config).expect("a pipeline config always serializes");
     let mut planned = match stashed {
-        Some(planned) if serde_json::to_value(&loaded.config).ok() == planned_config => planned,
-        // NOTE: a reload while waiting is checked against the first input
-        // only here, so a reloaded file that does not fit it stops the daemon.
+        Some((planned_config, planned)) if planned_config == current_config => planned,
+        // NOTE: only a reload between the check and the end of the wait gets
+        // here; a reloaded file that does not fit the first input then stops
+        // the daemon.
         _ => runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?,
     };
     loop {
@@ -169,6 +186,7 @@ async fn supervise(
 async fn wait_for_schema(
     shared: &Shared,
     loaded: &mut LoadedConfig,
+    current: &Mutex<Arc<LoadedConfig>>,
     mut input: Input,
     checkpoint: &Checkpoint,
     control: &mut mpsc::Receiver<Control>,
@@ -196,9 +214,10 @@ async fn wait_for_schema(
                 }
                 Control::Reload => match load_for_reload(shared, loaded) {
                     Ok(new) => {
+                        *current.lock().expect("the configuration lock is never poisoned") = Arc::new(new.clone());
                         *loaded = new;
                         shared.metrics.reload(true);
-                        tracing::info!("pipeline file reloaded; it is planned when the first input arrives");
+                        tracing::info!("pipeline file reloaded; it is planned against the first input that arrives");
                     }
                     Err(err) => reject_reload(shared, &err),
                 },
@@ -312,6 +331,7 @@ async fn run_generation(
         tracing::error!(error = %format!("{err:#}"), "pipeline failed; committed output is kept and a restart resumes from it");
         return Err(err);
     }
+    shared.draining.store(true, Ordering::Relaxed);
     shared.health.set_ready(false, "draining");
     let deadline = Duration::from_millis(config.daemon.drain_timeout_ms);
     let drained = tokio::time::timeout(deadline, async {
@@ -331,11 +351,12 @@ async fn run_generation(
                 timeout_ms = config.daemon.drain_timeout_ms,
                 "records in flight were not committed in time; exiting, and the next start resumes from the last checkpoint"
             );
-            std::process::exit(i32::from(EXIT_DRAIN_TIMEOUT));
+            crate::cli::exit_now(EXIT_DRAIN_TIMEOUT);
         }
     };
     let next = next.expect("the loop ends with a next step or a failure");
     if matches!(next, Next::Reload(..)) {
+        shared.draining.store(false, Ordering::Relaxed);
         shared.health.set_ready(true, "");
     }
     Ok((input, durable, next))
@@ -354,6 +375,7 @@ async fn run_sink(
     intake: mpsc::WeakSender<Batch>,
     flush_request: Arc<AtomicBool>,
 ) -> Result<Checkpoint, SinkError> {
+    let mut rejections = 0u64;
     loop {
         let deadline = sink.age_deadline().map(tokio::time::Instant::from_std);
         let received = tokio::select! {
@@ -378,6 +400,22 @@ async fn run_sink(
             }
         };
         let Some(batch) = received else { break };
+        for rejected in &batch.rejected {
+            rejections += 1;
+            if rejections <= REJECTION_LOG_LIMIT || rejections.is_multiple_of(REJECTION_LOG_EVERY) {
+                tracing::warn!(
+                    record = %rejected.key,
+                    origin = rejected.origin.as_deref().unwrap_or(""),
+                    stage = %rejected.component,
+                    reason = %rejected.reason,
+                    rejected_so_far = rejections,
+                    "record rejected; it goes to the dead letters"
+                );
+            }
+            if rejections == REJECTION_LOG_LIMIT {
+                tracing::warn!("further rejected records are logged once every {REJECTION_LOG_EVERY}");
+            }
+        }
         shared.metrics.queue_depth("sink", input.len());
         if let Some(intake) = intake.upgrade() {
             shared.metrics.queue_depth("intake", intake.max_capacity() - intake.capacity());
@@ -425,10 +463,12 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
                     shared.metrics.dead_lettered(stage, 1);
                 }
                 shared.metrics.records_written(committed.records, committed.rows);
-                if !shared.health.is_ready() {
+                if shared.commit_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("commits succeed again; accepting input");
-                    shared.health.set_ready(true, "");
                     shared.metrics.set_accepting(true);
+                    if !shared.draining.load(Ordering::Relaxed) {
+                        shared.health.set_ready(true, "");
+                    }
                 }
                 shared.durable.send_replace(Arc::new(committed.checkpoint));
                 return;
@@ -437,11 +477,36 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
                 let message = error_chain(&err);
                 tracing::error!(error = %message, retry_in_ms = delay.as_millis() as u64, "commit failed; input is paused until it succeeds");
                 shared.metrics.commit_failure();
+                shared.commit_failing.store(true, Ordering::Relaxed);
                 shared.metrics.set_accepting(false);
                 shared.health.set_ready(false, &format!("cannot commit output: {message}"));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// Locks the output directory for this process, so that a second daemon on
+/// it fails to start instead of overwriting files and the checkpoint.
+fn lock_output(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .map_err(|err| anyhow::anyhow!("cannot create the output directory {}: {err}", dir.display()))?;
+    let path = dir.join(".stochflow.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|err| anyhow::anyhow!("cannot open the lock file {}: {err}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another stochflow daemon is writing to {}; stop it, or choose another `sink.path`",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(err)) => {
+            anyhow::bail!("cannot lock {}: {err}", path.display())
         }
     }
 }
@@ -457,7 +522,7 @@ fn load(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<LoadedConfig>
 }
 
 /// Checks of the file that only the daemon needs.
-fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
+pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
     let config = &loaded.config;
     let mut problems = Vec::new();
     if !config.source.is_endless() {
@@ -468,6 +533,31 @@ fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
                 config.source.kind()
             ),
         ));
+    }
+    if let crate::config::SourceConfig::Watch(watch) = &config.source {
+        if watch.poll_ms < 10 {
+            problems.push(ConfigProblem::new(
+                "source.poll_ms",
+                format!("{} ms would keep a core busy scanning the directory; use at least 10", watch.poll_ms),
+            ));
+        }
+        let pattern = match watch.read.as_ref() {
+            crate::config::SourceConfig::ArrowFile(c) => Some(&c.path),
+            crate::config::SourceConfig::Npy(c) => Some(&c.path),
+            crate::config::SourceConfig::Images(c) => Some(&c.path),
+            _ => None,
+        };
+        if let Some(pattern) = pattern
+            && pattern.components().count() > 1
+        {
+            problems.push(ConfigProblem::new(
+                "source.read.path",
+                format!(
+                    "{} is a path, but `read.path` is a file name pattern inside `source.path`, such as \"*.arrow\"",
+                    pattern.display()
+                ),
+            ));
+        }
     }
     let SinkConfig::ArrowFile(sink) = &config.sink;
     if sink.images.is_some() {
@@ -563,7 +653,7 @@ async fn watch_signals(control: mpsc::Sender<Control>) {
         if let Control::Stop(code) = request {
             if stopping {
                 tracing::warn!("second stop signal; exiting without committing the records in flight");
-                std::process::exit(i32::from(code));
+                crate::cli::exit_now(code);
             }
             stopping = true;
         }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{ORDINAL_COLUMN, SchemaCheck, Source, SourceError};
 use crate::batch::{Batch, Mark, ORIGIN_COLUMN, Rejected};
@@ -40,8 +40,12 @@ pub struct WatchSource {
     /// Files seen but not yet settled: size, modification time, and when
     /// they were first seen with these.
     candidates: HashMap<String, (u64, SystemTime, Instant)>,
-    /// Files handed to the pipeline since this source was opened.
+    /// Files handed to the pipeline in this generation that are still in
+    /// the directory.
     started: HashSet<String>,
+    /// The daemon's durable checkpoint, updated after each commit: a file
+    /// complete there is not read again.
+    durable: watch::Receiver<Arc<Checkpoint>>,
     /// The schema of the first file read, which every file must share.
     schema: Option<(SchemaRef, String)>,
     schema_check: Option<SchemaCheck>,
@@ -60,7 +64,7 @@ struct FileReader {
 }
 
 impl WatchSource {
-    pub fn new(config: &WatchSourceConfig) -> Result<Self, SourceError> {
+    pub fn new(config: &WatchSourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
         let pattern_text = match config.read.as_ref() {
             SourceConfig::ArrowFile(c) => c.path.to_string_lossy().into_owned(),
             SourceConfig::Npy(c) => c.path.to_string_lossy().into_owned(),
@@ -95,6 +99,7 @@ impl WatchSource {
             pattern,
             candidates: HashMap::new(),
             started: HashSet::new(),
+            durable,
             schema: None,
             schema_check: None,
             unfit: HashSet::new(),
@@ -115,14 +120,14 @@ impl WatchSource {
     /// every file must share them. Returns `None` if `stop` is set first.
     pub fn wait_for_schema(
         &mut self,
-        durable: &Checkpoint,
+        _durable: &Checkpoint,
         stop: &AtomicBool,
     ) -> Result<Option<(SchemaRef, String)>, SourceError> {
         while !stop.load(Ordering::Relaxed) {
             if let Some(known) = &self.schema {
                 return Ok(Some(known.clone()));
             }
-            for name in self.settled_files(durable)? {
+            for name in self.settled_files()? {
                 if self.unfit.contains(&name) {
                     continue;
                 }
@@ -164,7 +169,7 @@ impl WatchSource {
         // A file cut short by the previous stop resumes from `durable`.
         self.started.clear();
         while !stop.load(Ordering::Relaxed) {
-            for name in self.settled_files(durable)? {
+            for name in self.settled_files()? {
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -180,8 +185,11 @@ impl WatchSource {
     }
 
     /// Lists matching files that are settled, not started and not complete
-    /// in `durable`, in name order.
-    fn settled_files(&mut self, durable: &Checkpoint) -> Result<Vec<String>, SourceError> {
+    /// in the durable checkpoint, in name order. A started file that left the
+    /// directory is forgotten, so a new file under its name is read once the
+    /// checkpoint has dropped the name too.
+    fn settled_files(&mut self) -> Result<Vec<String>, SourceError> {
+        let durable = self.durable.borrow().clone();
         let dir = &self.config.path;
         let io_error = |source| SourceError::Io { path: dir.clone(), source };
         let settle = Duration::from_millis(self.config.settle_ms);
@@ -212,6 +220,11 @@ impl WatchSource {
             }
         }
         self.candidates.retain(|name, _| seen.contains(name));
+        let present: HashSet<String> = std::fs::read_dir(dir)
+            .map_err(io_error)?
+            .filter_map(|entry| entry.ok().map(|entry| entry.file_name().to_string_lossy().into_owned()))
+            .collect();
+        self.started.retain(|name| present.contains(name));
         settled.sort();
         for name in &settled {
             self.candidates.remove(name);

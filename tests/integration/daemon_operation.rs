@@ -467,6 +467,85 @@ daemon: {{http: null}}
     assert!(outcome.stderr.contains(&address.to_string()), "the error names {address}:\n{}", outcome.stderr);
     assert!(outcome.stderr.contains("address in use"), "the error says the address is in use:\n{}", outcome.stderr);
     drop(occupant);
+
+    let busy_poll = watch.replace("poll_ms: 20", "poll_ms: 0");
+    let pipeline = write_pipeline(dirs.root.path(), "busy_poll.yaml", &busy_poll);
+    let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a poll interval of 0 ms exits 1:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("source.poll_ms"), "the error names source.poll_ms:\n{}", outcome.stderr);
+
+    let path_pattern = watch.replace("path: \"*.arrow\"", "path: \"data/*.arrow\"");
+    let pipeline = write_pipeline(dirs.root.path(), "path_pattern.yaml", &path_pattern);
+    let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a path as `read.path` exits 1:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("source.read.path"), "the error names source.read.path:\n{}", outcome.stderr);
+}
+
+#[test]
+fn validate_checks_daemon_pipeline() {
+    let dirs = dirs();
+    let good = digits_pipeline(&dirs.input, &dirs.output, free_port(), 0.1, &mlp());
+    let pipeline = write_pipeline(dirs.root.path(), "good.yaml", &good);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "a good daemon pipeline validates:\n{}", outcome.stderr);
+    assert!(outcome.stdout.contains("valid for `stochflow daemon`"), "validate says so:\n{}", outcome.stdout);
+
+    let missing = dirs.root.path().join("missing.onnx");
+    let bad = digits_pipeline(&dirs.input, &dirs.output, free_port(), 0.1, &missing);
+    let pipeline = write_pipeline(dirs.root.path(), "bad.yaml", &bad);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a missing model fails validation:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("stages[1].model"), "the error names the model key:\n{}", outcome.stderr);
+}
+
+#[test]
+fn second_daemon_on_output_fails() {
+    let dirs = dirs();
+    let port = free_port();
+    let pipeline =
+        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
+    daemon.wait_healthy();
+
+    let other_input = dirs.root.path().join("in2");
+    let other = digits_pipeline(&other_input, &dirs.output, free_port(), 0.1, &mlp());
+    let other = write_pipeline(dirs.root.path(), "other.yaml", &other);
+    let outcome = stochflow(&["daemon", other.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a second daemon on the same output exits 1:\n{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("another stochflow daemon is writing to"),
+        "the error says another daemon writes there:\n{}",
+        outcome.stderr
+    );
+    assert!(daemon.is_running(), "the first daemon keeps running; log:\n{}", daemon.log_tail());
+    daemon.stop(Duration::from_secs(10));
+}
+
+#[test]
+fn removed_name_is_read_again_after_commit() {
+    let dirs = dirs();
+    let port = free_port();
+    let pipeline =
+        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
+    daemon.wait_healthy();
+
+    drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..10));
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    std::fs::remove_file(dirs.input.join("a.arrow")).expect("the processed file is removed");
+    // The next commit drops the removed name from the checkpoint.
+    drop_arrow(&dirs.input, "b.arrow", &digits_slice(10..20));
+    daemon.wait_committed(&dirs.output, "b.arrow");
+    daemon.wait_for("a.arrow to leave the checkpoint", |_| {
+        (!checkpoint_units(&dirs.output).contains_key("a.arrow")).then_some(())
+    });
+
+    drop_arrow(&dirs.input, "a.arrow", &digits_slice(20..30));
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    let counts = id_sample_counts(&read_committed(&dirs.output, "part-"));
+    assert_eq!(counts.len(), 30 * 5, "the second a.arrow is read as a new file: {} rows", counts.len());
+    assert!(counts.values().all(|&count| count == 1), "every record is written once");
+    daemon.stop(Duration::from_secs(10));
 }
 
 #[test]
