@@ -117,6 +117,12 @@ const LINGER: Duration = Duration::from_secs(2);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// First word of an IPC message since Arrow 0.15. The length follows it.
 const CONTINUATION_MARKER: [u8; 4] = [0xff; 4];
+/// Largest IPC message header accepted. Real headers are a few kilobytes, so
+/// a larger one means the client sent something other than an IPC stream.
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// Largest IPC message body accepted, which bounds the memory one
+/// connection can take.
+const MAX_BODY_BYTES: u64 = 1 << 30;
 
 /// Receives Arrow IPC streams on a socket. The module documentation
 /// describes the protocol.
@@ -681,6 +687,11 @@ async fn next_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<RawM
     }
     let metadata_length =
         u64::try_from(metadata_length).map_err(|_| format!("invalid IPC message length {metadata_length}"))?;
+    if metadata_length > MAX_HEADER_BYTES {
+        return Err(format!(
+            "the connection did not send an Arrow IPC stream: its message header would be {metadata_length} bytes; send an Arrow IPC stream (schema, then record batches)"
+        ));
+    }
 
     let mut metadata = Vec::new();
     let read = (&mut *input).take(metadata_length).read_to_end(&mut metadata).await.map_err(read_error)?;
@@ -693,6 +704,11 @@ async fn next_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<RawM
         .bodyLength();
     let body_length =
         u64::try_from(body_length).map_err(|_| format!("invalid IPC message body length {body_length}"))?;
+    if body_length > MAX_BODY_BYTES {
+        return Err(format!(
+            "a record batch of {body_length} bytes is over the limit of {MAX_BODY_BYTES} bytes; send smaller batches"
+        ));
+    }
     let mut body = Vec::new();
     let read = (&mut *input).take(body_length).read_to_end(&mut body).await.map_err(read_error)?;
     if (read as u64) < body_length {
@@ -1328,6 +1344,12 @@ mod tests {
         let error = client.error();
         assert!(error.contains("invalid IPC message header"), "{error}");
         assert_eq!(keys(&running.next().await), ["corrupt:0", "corrupt:1", "corrupt:2"]);
+
+        // An HTTP request where an IPC stream belongs.
+        let mut client = Client::send(&address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let error = client.error();
+        assert!(error.contains("did not send an Arrow IPC stream"), "{error}");
+        assert_eq!(client.reply(), None, "the connection is closed after the error");
         running.stop().await;
     }
 

@@ -303,9 +303,8 @@ impl WatchSource {
             && (expected.fields() != reader.schema.fields() || *key_column != reader.key_column)
         {
             let reason = format!(
-                "its columns ({}) differ from those of the first file read ({}); every file in the directory must have the same columns",
-                describe(&reader.schema),
-                describe(expected)
+                "the file's columns differ from those of the first file read ({}); every file in the directory must have the same columns",
+                difference(expected, &reader.schema)
             );
             tracing::warn!(file = %name, "{reason}");
             on_records(1);
@@ -415,6 +414,29 @@ fn error_text(err: &SourceError) -> String {
     crate::runtime::error_chain(err)
 }
 
-fn describe(schema: &Schema) -> String {
-    schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
+/// Describes how `found` differs from `expected`: missing and extra
+/// columns, and columns of another type or nullability.
+fn difference(expected: &Schema, found: &Schema) -> String {
+    let mut parts = Vec::new();
+    for field in expected.fields() {
+        match found.field_with_name(field.name()) {
+            Err(_) => parts.push(format!("missing {}", field.name())),
+            Ok(other) if other.data_type() != field.data_type() => {
+                parts.push(format!("{} is {}, expected {}", field.name(), other.data_type(), field.data_type()))
+            }
+            Ok(other) if other != field.as_ref() => {
+                parts.push(format!("{} differs in nullability or metadata", field.name()))
+            }
+            Ok(_) => {}
+        }
+    }
+    for field in found.fields() {
+        if expected.field_with_name(field.name()).is_err() {
+            parts.push(format!("extra {}", field.name()));
+        }
+    }
+    if parts.is_empty() {
+        parts.push(String::from("the same columns in another order"));
+    }
+    parts.join("; ")
 }

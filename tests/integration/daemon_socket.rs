@@ -391,7 +391,10 @@ fn socket_acks_follow_commits() {
     client.end_stream();
     let acks = client.acks_until_closed("acks");
     assert_acks_rise_to(&acks, DIGITS as u64);
-    assert!(acks.len() >= 2, "a stream of {DIGITS} records is acknowledged in several commits: {acks:?}");
+    // Acks report the latest durable count, so commits in quick succession
+    // may share one ack; the commits themselves are counted in files.
+    let parts = committed_files(&setup.output, "part-").len();
+    assert!(parts >= 2, "a stream of {DIGITS} records is committed in several files, found {parts}; acks {acks:?}");
 
     assert_each_id_once(&setup.output, &digit_ids(0..DIGITS));
     assert_origin(&setup.output, "acks");
