@@ -20,7 +20,7 @@ pub const ORIGIN_COLUMN: &str = "origin";
 /// and in input order.
 ///
 /// In the daemon, batches also carry the progress marks of the input they
-/// came from, so the sink knows which input is durable once it commits a file.
+/// came from, so the sink can tell which input is durable once it commits a file.
 #[derive(Debug)]
 pub struct Batch {
     pub data: RecordBatch,
@@ -57,7 +57,7 @@ pub struct Rejected {
     /// The source or stage that rejected it.
     pub component: String,
     pub reason: String,
-    /// The file or stream the record came from, where the source tells.
+    /// The file or stream the record came from, when the source sets it.
     pub origin: Option<String>,
 }
 

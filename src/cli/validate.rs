@@ -30,14 +30,7 @@ fn validate_daemon(pipeline_file: &Path, loaded: &config::LoadedConfig) -> anyho
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());
     }
-    let mut problems = Vec::new();
-    for (index, stage) in loaded.config.stages.iter().enumerate() {
-        if let config::StageConfig::Infer(infer) = stage
-            && let Err(err) = crate::model::ModelFile::read(&infer.model).and_then(|model| model.session(1).map(drop))
-        {
-            problems.push(config::ConfigProblem::new(format!("stages[{index}].model"), err.to_string()));
-        }
-    }
+    let problems = crate::daemon::check_models(loaded);
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());
     }

@@ -12,7 +12,7 @@ use crate::sink::checkpoint::Checkpoint;
 use crate::source::{SocketSource, SourceError, WatchSource};
 
 pub enum Input {
-    Watch(WatchSource),
+    Watch(Box<WatchSource>),
     Socket(SocketSource),
 }
 
@@ -20,7 +20,7 @@ impl Input {
     /// Opens the configured input: checks the directory, or binds the socket.
     pub fn open(config: &SourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
         match config {
-            SourceConfig::Watch(c) => Ok(Input::Watch(WatchSource::new(c, durable)?)),
+            SourceConfig::Watch(c) => Ok(Input::Watch(Box::new(WatchSource::new(c, durable)?))),
             SourceConfig::Socket(c) => Ok(Input::Socket(SocketSource::new(c, durable)?)),
             other => Err(SourceError::Config {
                 path: String::from("source.kind"),

@@ -4,6 +4,8 @@
 pub mod http;
 mod input;
 pub mod metrics;
+mod preflight;
 mod service;
 
+pub use preflight::check_models;
 pub use service::{check, run};

@@ -511,10 +511,13 @@ fn lock_output(dir: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// Loads the pipeline file with the daemon's checks.
+/// Loads the pipeline file with the daemon's checks, models included.
 fn load(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<LoadedConfig> {
     let loaded = config::load(pipeline_file, seed, None)?;
-    let problems = check(&loaded);
+    let mut problems = check(&loaded);
+    if problems.is_empty() {
+        problems = super::preflight::check_models(&loaded);
+    }
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());
     }

@@ -43,6 +43,12 @@ pub struct WatchSource {
     /// Files handed to the pipeline in this generation that are still in
     /// the directory.
     started: HashSet<String>,
+    /// Complete names that were not read in this process, logged once.
+    skipped: HashSet<String>,
+    /// Whether the directory has been scanned once.
+    scanned: bool,
+    /// Names read in this process, whose completion needs no log line.
+    started_before: HashSet<String>,
     /// The daemon's durable checkpoint, updated after each commit: a file
     /// complete there is not read again.
     durable: watch::Receiver<Arc<Checkpoint>>,
@@ -99,6 +105,9 @@ impl WatchSource {
             pattern,
             candidates: HashMap::new(),
             started: HashSet::new(),
+            skipped: HashSet::new(),
+            scanned: false,
+            started_before: HashSet::new(),
             durable,
             schema: None,
             schema_check: None,
@@ -174,6 +183,7 @@ impl WatchSource {
                     return Ok(());
                 }
                 self.started.insert(name.clone());
+                self.started_before.insert(name.clone());
                 let resume = durable.progress(&name).records;
                 if !self.read_file(&name, resume, output, stop, on_records) {
                     return Ok(());
@@ -201,7 +211,14 @@ impl WatchSource {
             if name.starts_with('.') || name.ends_with(".partial") || name.ends_with(".tmp") {
                 continue;
             }
-            if !self.pattern.matches(&name) || self.started.contains(&name) || durable.progress(&name).complete {
+            if !self.pattern.matches(&name) || self.started.contains(&name) {
+                continue;
+            }
+            if durable.progress(&name).complete {
+                // Files already there at start were read by an earlier run.
+                if self.scanned && !self.started_before.contains(&name) && self.skipped.insert(name.clone()) {
+                    tracing::info!(file = %name, "not reading this file: its name is complete in the checkpoint; give a new file a new name");
+                }
                 continue;
             }
             let Ok(metadata) = entry.metadata() else { continue };
@@ -225,6 +242,9 @@ impl WatchSource {
             .filter_map(|entry| entry.ok().map(|entry| entry.file_name().to_string_lossy().into_owned()))
             .collect();
         self.started.retain(|name| present.contains(name));
+        self.started_before.retain(|name| present.contains(name));
+        self.scanned = true;
+        self.skipped.retain(|name| present.contains(name));
         settled.sort();
         for name in &settled {
             self.candidates.remove(name);
@@ -299,8 +319,15 @@ impl WatchSource {
                 return output.blocking_send(reject_rest(resume, error_text(&err))).is_ok();
             }
         };
+        // A file whose columns differ from the first file's in nullability
+        // alone is read with the first file's schema; a null where that
+        // schema has none rejects the rest of the file.
+        let retype = self.schema.as_ref().and_then(|(expected, _)| {
+            (expected.fields() != reader.schema.fields() && same_but_nullability(expected, &reader.schema))
+                .then(|| expected.clone())
+        });
         if let Some((expected, key_column)) = &self.schema
-            && (expected.fields() != reader.schema.fields() || *key_column != reader.key_column)
+            && ((expected.fields() != reader.schema.fields() && retype.is_none()) || *key_column != reader.key_column)
         {
             let reason = format!(
                 "the file's columns differ from those of the first file read ({}); every file in the directory must have the same columns",
@@ -340,6 +367,24 @@ impl WatchSource {
                 continue;
             }
             let mut batch = reader.convert(batch, name);
+            if let Some(expected) = &retype {
+                match RecordBatch::try_new(expected.clone(), batch.data.columns().to_vec()) {
+                    Ok(data) => batch.data = data,
+                    Err(err) => {
+                        if let Some(batch) = held.take()
+                            && output.blocking_send(batch).is_err()
+                        {
+                            return false;
+                        }
+                        on_records(1);
+                        let reason = format!(
+                            "records from number {start} on do not fit the first file's columns: {err}; every file in the directory must have the same columns"
+                        );
+                        tracing::warn!(file = %name, "{reason}");
+                        return output.blocking_send(reject_rest(start.max(resume), reason)).is_ok();
+                    }
+                }
+            }
             if start < resume {
                 // The checkpoint falls inside this batch, which happens only
                 // when the read batch size changed since it was written.
@@ -414,6 +459,17 @@ fn error_text(err: &SourceError) -> String {
     crate::runtime::error_chain(err)
 }
 
+/// Whether two schemas have the same columns, in the same order, with the
+/// same types and metadata, differing at most in nullability.
+fn same_but_nullability(expected: &Schema, found: &Schema) -> bool {
+    expected.fields().len() == found.fields().len()
+        && expected
+            .fields()
+            .iter()
+            .zip(found.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type() && a.metadata() == b.metadata())
+}
+
 /// Describes how `found` differs from `expected`: missing and extra
 /// columns, and columns of another type or nullability.
 fn difference(expected: &Schema, found: &Schema) -> String {
@@ -424,8 +480,8 @@ fn difference(expected: &Schema, found: &Schema) -> String {
             Ok(other) if other.data_type() != field.data_type() => {
                 parts.push(format!("{} is {}, expected {}", field.name(), other.data_type(), field.data_type()))
             }
-            Ok(other) if other != field.as_ref() => {
-                parts.push(format!("{} differs in nullability or metadata", field.name()))
+            Ok(other) if other.metadata() != field.metadata() => {
+                parts.push(format!("{} has other field metadata", field.name()))
             }
             Ok(_) => {}
         }

@@ -10,9 +10,10 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::AsArray;
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int32Type, Int64Type};
 
 use crate::common::*;
@@ -496,6 +497,45 @@ fn validate_checks_daemon_pipeline() {
     let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
     assert_eq!(outcome.code, 1, "a missing model fails validation:\n{}", outcome.stderr);
     assert!(outcome.stderr.contains("stages[1].model"), "the error names the model key:\n{}", outcome.stderr);
+
+    let misnamed = good.replace("inputs: {pixels: pixels}", "inputs: {pixel: pixels}");
+    assert_ne!(misnamed, good, "the pipeline names the model input `pixels`");
+    let pipeline = write_pipeline(dirs.root.path(), "misnamed.yaml", &misnamed);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a model input the model lacks fails validation:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("stages[1].inputs.pixel"), "the error names the input key:\n{}", outcome.stderr);
+    let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "the daemon does not start with it either:\n{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("its inputs are pixels"),
+        "the error lists the model's inputs:\n{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn nullable_columns_match_first_file() {
+    let dirs = dirs();
+    let port = free_port();
+    let pipeline =
+        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
+    daemon.wait_healthy();
+
+    drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..10));
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    let records = digits_slice(10..20);
+    let fields: Vec<arrow::datatypes::Field> =
+        records.schema().fields().iter().map(|field| field.as_ref().clone().with_nullable(true)).collect();
+    let nullable = Arc::new(arrow::datatypes::Schema::new(fields));
+    let records = RecordBatch::try_new(nullable, records.columns().to_vec()).expect("the columns fit nullable fields");
+    drop_arrow(&dirs.input, "b_nullable.arrow", &records);
+    daemon.wait_committed(&dirs.output, "b_nullable.arrow");
+
+    assert_eq!(Committed::read(&dirs.output).dead_count(), 0, "nullable fields without nulls are accepted");
+    let counts = id_sample_counts(&read_committed(&dirs.output, "part-"));
+    assert_eq!(counts.len(), 20 * 5, "both files' records are in the output");
+    daemon.stop(Duration::from_secs(10));
 }
 
 #[test]
