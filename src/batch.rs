@@ -129,6 +129,36 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// Counts records among rows that reach a sink. After a fan-out, a record's
+/// rows are contiguous, so a record starts wherever the key changes, also
+/// across batches.
+#[derive(Debug, Default)]
+pub struct RecordRuns {
+    last_key: Option<String>,
+}
+
+impl RecordRuns {
+    /// Returns the number of records that start in `data`: its rows, unless
+    /// a fan-out added a sample column.
+    pub fn count(&mut self, data: &RecordBatch, key_column: &str) -> u64 {
+        if data.column_by_name(SAMPLE_COLUMN).is_none() {
+            return data.num_rows() as u64;
+        }
+        let Some(keys) = Keys::new(data, key_column) else {
+            return data.num_rows() as u64;
+        };
+        let mut records = 0;
+        for row in 0..data.num_rows() {
+            let key = keys.get(row);
+            if self.last_key.as_deref() != Some(key.as_str()) {
+                records += 1;
+                self.last_key = Some(key);
+            }
+        }
+        records
+    }
+}
+
 /// Returns the sample index of each row: the `sample` column when a fan-out
 /// stage added one, else 0.
 pub fn sample_indices(batch: &RecordBatch) -> Vec<u32> {

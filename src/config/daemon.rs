@@ -8,7 +8,7 @@ pub struct DaemonConfig {
     /// When an output file is committed and the next one started.
     #[serde(default)]
     pub rotate: RotateConfig,
-    /// Longest time, in milliseconds, that records wait for a full model
+    /// Maximum time, in milliseconds, that records wait for a full model
     /// batch before a smaller one runs.
     #[serde(default = "default_max_delay_ms")]
     pub max_delay_ms: u64,

@@ -46,7 +46,7 @@ impl SourceConfig {
         }
     }
 
-    /// Whether the source never ends, so only `stochflow daemon` can run it.
+    /// Returns whether the source never ends, so only `stochflow daemon` can run it.
     pub fn is_endless(&self) -> bool {
         matches!(self, SourceConfig::Watch(_) | SourceConfig::Socket(_))
     }
@@ -57,7 +57,7 @@ impl SourceConfig {
 pub struct WatchSourceConfig {
     /// The watched directory.
     pub path: PathBuf,
-    /// How each file is read: an `arrow_file`, `npy` or `images` source
+    /// The source that reads each file: an `arrow_file`, `npy` or `images` source
     /// whose `path` is a file name pattern, such as `"*.arrow"`.
     pub read: Box<SourceConfig>,
     /// A file counts as complete once its size and modification time have

@@ -204,7 +204,8 @@ impl Metrics {
     /// Encodes every metric in the OpenMetrics text format, ending with `# EOF`.
     pub fn render(&self) -> String {
         let mut text = String::new();
-        // prometheus-client 0.26 fails only when the writer fails or on native histograms, which are not used here.
+        // In prometheus-client 0.26 the text encoder fails only when the writer
+        // fails or on native histograms; a String never fails and none are used.
         encode(&mut text, &self.registry).expect("encoding metrics into a String");
         text
     }

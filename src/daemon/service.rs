@@ -27,10 +27,6 @@ use crate::runtime::{self, ChainOptions, PlannedStages, RunError, StageObserver,
 use crate::sink::checkpoint::{self, Checkpoint};
 use crate::sink::{FileFormat, RotatingSink, SinkError};
 
-/// Rejected records logged one by one, then one line in this many.
-const REJECTION_LOG_LIMIT: u64 = 20;
-const REJECTION_LOG_EVERY: u64 = 1000;
-
 /// Exit code of a stop whose drain did not finish in time.
 const EXIT_DRAIN_TIMEOUT: u8 = 1;
 
@@ -154,7 +150,7 @@ async fn supervise(
     let mut planned = match stashed {
         Some((planned_config, planned)) if planned_config == current_config => planned,
         // NOTE: only a reload between the check and the end of the wait gets
-        // here; a reloaded file that does not fit the first input then stops
+        // here. A reloaded file that does not fit the first input then stops
         // the daemon.
         _ => runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?,
     };
@@ -366,8 +362,8 @@ async fn run_generation(
 /// each new checkpoint. Returns the checkpoint of the last commit.
 ///
 /// A file due for a commit that contains rows without a covering mark waits for
-/// a batch that ends a source batch; `flush_request` asks the regroupings
-/// for one meanwhile.
+/// a batch that ends a source batch. Meanwhile `flush_request` requests one
+/// from the regroupings.
 async fn run_sink(
     mut sink: RotatingSink,
     mut input: mpsc::Receiver<Batch>,
@@ -402,7 +398,7 @@ async fn run_sink(
         let Some(batch) = received else { break };
         for rejected in &batch.rejected {
             rejections += 1;
-            if rejections <= REJECTION_LOG_LIMIT || rejections.is_multiple_of(REJECTION_LOG_EVERY) {
+            if runtime::is_rejection_logged(rejections) {
                 tracing::warn!(
                     record = %rejected.key,
                     origin = rejected.origin.as_deref().unwrap_or(""),
@@ -412,8 +408,8 @@ async fn run_sink(
                     "record rejected; it goes to the dead letters"
                 );
             }
-            if rejections == REJECTION_LOG_LIMIT {
-                tracing::warn!("further rejected records are logged once every {REJECTION_LOG_EVERY}");
+            if rejections == runtime::REJECTION_LOG_LIMIT {
+                tracing::warn!("further rejected records are logged once every {}", runtime::REJECTION_LOG_EVERY);
             }
         }
         shared.metrics.queue_depth("sink", input.len());
@@ -450,12 +446,7 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
         match tokio::task::block_in_place(|| sink.commit()) {
             Ok(None) => return,
             Ok(Some(committed)) => {
-                for (path, bytes) in &committed.files {
-                    let kind = if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("dead-")) {
-                        "dead_letters"
-                    } else {
-                        "output"
-                    };
+                for (kind, path, bytes) in &committed.files {
                     shared.metrics.file_committed(kind, *bytes);
                     tracing::info!(file = %path.display(), bytes, "file committed");
                 }

@@ -2,7 +2,7 @@
 //!
 //! A stage that wants batches of a fixed size (the model stage) gets a
 //! regrouping task in front of it. The stages from one regrouping to the next
-//! form a segment, and a segment runs as one task: each batch goes through
+//! form a segment, and a segment runs as one task. Each batch goes through
 //! all its stages in one call on a blocking thread, so a batch changes
 //! threads once per segment rather than once per stage. A segment runs up to
 //! the largest `concurrency()` of its stages batches at once, and emits
@@ -29,13 +29,13 @@ use crate::stage::Stage;
 /// Receives a measurement of every batch a stage processes.
 pub trait StageObserver: Send + Sync {
     /// Called after `stage` processed a batch of `rows_in` rows in `seconds`.
-    /// `model` tells whether the stage runs a model.
+    /// `model` is true for a stage that runs a model.
     fn stage_batch(&self, stage: &str, model: bool, rows_in: usize, rows_out: usize, rejected: usize, seconds: f64);
 }
 
 pub struct ChainOptions {
     pub channel_capacity: usize,
-    /// Longest time rows wait for a full batch before a model stage; `None`
+    /// Maximum time rows wait for a full batch before a model stage. `None`
     /// waits for a full batch or the end of the input.
     pub max_delay: Option<Duration>,
     /// Set by the sink to have regroupings send what they hold at the end of

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::chain::{ChainOptions, spawn_stages};
 use super::plan::{Pipeline, error_chain};
-use crate::batch::{Batch, SAMPLE_COLUMN};
+use crate::batch::{Batch, RecordRuns};
 use crate::sink::{Sink, SinkError};
 use crate::source::SourceError;
 use crate::stage::StageError;
@@ -63,9 +63,14 @@ pub enum RunError {
     Task(String),
 }
 
-/// Log rejections one by one up to this count, then one line in this many.
-const REJECTION_LOG_LIMIT: u64 = 20;
-const REJECTION_LOG_EVERY: u64 = 1000;
+/// Rejections are logged one by one up to this count, then one line in this many.
+pub const REJECTION_LOG_LIMIT: u64 = 20;
+pub const REJECTION_LOG_EVERY: u64 = 1000;
+
+/// Returns whether the `count`-th rejection of a run is logged.
+pub fn is_rejection_logged(count: u64) -> bool {
+    count <= REJECTION_LOG_LIMIT || count.is_multiple_of(REJECTION_LOG_EVERY)
+}
 
 /// Runs the pipeline to the end of its source, or until `counters.stop` is
 /// set, and commits the output file.
@@ -100,7 +105,7 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         while let Some(batch) = rx.blocking_recv() {
             for rejected in &batch.rejected {
                 logged += 1;
-                if logged <= REJECTION_LOG_LIMIT || logged.is_multiple_of(REJECTION_LOG_EVERY) {
+                if is_rejection_logged(logged) {
                     tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = logged, "record skipped");
                 }
                 if logged == REJECTION_LOG_LIMIT {
@@ -112,7 +117,7 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
             }
             sink.write(&batch.data)?;
             sink_counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
-            sink_counters.written.fetch_add(records.count(&batch, &key_column), Ordering::Relaxed);
+            sink_counters.written.fetch_add(records.runs.count(&batch.data, &key_column), Ordering::Relaxed);
         }
         Ok(sink)
     });
@@ -147,33 +152,12 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     })
 }
 
-/// Counts records at the sink. After a fan-out, a record's rows are
-/// contiguous, so a record starts wherever the key changes. A record that
-/// lost some samples to rejections still counts as written, and as skipped.
+/// Counts records at the sink. A record that lost some samples to
+/// rejections still counts as written, and as skipped.
 #[derive(Default)]
 struct RecordCounter {
-    last_key: Option<String>,
+    runs: RecordRuns,
     /// Keys of rejected records, so that a record rejected in several of its
     /// samples counts once. Its size grows with the number of skipped records.
     rejected_keys: std::collections::HashSet<String>,
-}
-
-impl RecordCounter {
-    fn count(&mut self, batch: &Batch, key_column: &str) -> u64 {
-        if batch.data.column_by_name(SAMPLE_COLUMN).is_none() {
-            return batch.data.num_rows() as u64;
-        }
-        let Some(keys) = crate::batch::Keys::new(&batch.data, key_column) else {
-            return batch.data.num_rows() as u64;
-        };
-        let mut records = 0;
-        for row in 0..batch.data.num_rows() {
-            let key = keys.get(row);
-            if self.last_key.as_deref() != Some(key.as_str()) {
-                records += 1;
-                self.last_key = Some(key);
-            }
-        }
-        records
-    }
 }

@@ -7,5 +7,7 @@ mod plan;
 mod rebatch;
 
 pub use chain::{ChainOptions, StageObserver, spawn_stages};
-pub use execute::{Counters, RunError, Summary, execute};
+pub use execute::{
+    Counters, REJECTION_LOG_EVERY, REJECTION_LOG_LIMIT, RunError, Summary, execute, is_rejection_logged,
+};
 pub use plan::{Pipeline, PlanError, PlannedStages, error_chain, plan, plan_stages};

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 
 use crate::batch::{Batch, Mark, Rejected, SAMPLE_COLUMN};
 
-/// Where an input batch ended among the pending rows, with what it carried
-/// besides rows.
+/// The end of an input batch among the pending rows, with the rejections
+/// and marks it carried.
 struct InputEnd {
     row: usize,
     rejected: Vec<Rejected>,
@@ -109,7 +109,7 @@ impl Pending {
 /// When a regrouping sends batches before they are full.
 #[derive(Clone, Debug, Default)]
 pub struct Flushing {
-    /// Longest wait of the oldest pending row.
+    /// Maximum wait of the oldest pending row.
     pub max_delay: Option<Duration>,
     /// Set by the sink while it waits for a batch that ends a source batch.
     pub requested: Option<Arc<AtomicBool>>,
@@ -123,7 +123,7 @@ impl Flushing {
 
 /// Reads batches from `input` and sends batches of `size` rows to `output`,
 /// plus a last, smaller one when the input ends, and earlier ones as
-/// `flushing` says. Returns when the input is closed or the output is dropped.
+/// `flushing` requests. Returns when the input is closed or the output is dropped.
 pub async fn rebatch(
     mut input: mpsc::Receiver<Batch>,
     output: mpsc::Sender<Batch>,
@@ -297,7 +297,8 @@ mod tests {
         let outputs = regroup(vec![marked(0..5, "a"), marked(5..10, "a")], 4, flushing).await;
         let sizes: Vec<usize> = outputs.iter().map(|b| b.data.num_rows()).collect();
         assert_eq!(sizes, [4, 1, 4, 1], "each input batch is sent on whole, in full batches and a remainder");
-        assert!(outputs[1].ends_source_batch && outputs[3].ends_source_batch, "the remainders end source batches");
+        assert!(outputs[1].ends_source_batch, "the first remainder ends its source batch");
+        assert!(outputs[3].ends_source_batch, "the second remainder ends its source batch");
     }
 
     #[test]

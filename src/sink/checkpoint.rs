@@ -3,7 +3,7 @@
 //! output file.
 //!
 //! The checkpoint is stored twice. Each committed output file carries the
-//! checkpoint that holds after it in its footer metadata, and
+//! checkpoint that is true after it in its footer metadata, and
 //! `checkpoint.json` is rewritten (temporary file, fsync, rename) after each
 //! commit. A crash between the two leaves a committed file newer than
 //! `checkpoint.json`; [`recover`] finds it and takes its footer's

@@ -9,7 +9,7 @@
 //!    [`ArrowFileSink`]: a `.partial` file, footer, fsync, rename, fsync of
 //!    the directory.
 //! 3. The rows, if any, are written to `part-N.arrow` the same way. The
-//!    footer of the last file written carries the checkpoint that holds
+//!    footer of the last file written carries the checkpoint that is true
 //!    once it is committed.
 //! 4. `checkpoint.json` is replaced with that checkpoint (see
 //!    [`super::checkpoint`] for how a restart reads these back).
@@ -28,14 +28,15 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::checkpoint::{Checkpoint, FOOTER_KEY, dead_letter_name, part_name};
 use super::{ArrowFileSink, SinkError};
-use crate::batch::{Batch, Keys, Rejected, SAMPLE_COLUMN};
+use crate::batch::{Batch, RecordRuns, Rejected};
 use crate::config::{Compression, RotateConfig};
 
-/// What one commit wrote.
+/// The files and records of one commit.
 #[derive(Debug, Default)]
 pub struct Committed {
-    /// Paths and sizes in bytes of the files committed.
-    pub files: Vec<(PathBuf, u64)>,
+    /// Kind (`dead_letters` or `output`), path and size in bytes of each
+    /// file committed, in commit order.
+    pub files: Vec<(&'static str, PathBuf, u64)>,
     pub records: u64,
     pub rows: u64,
     /// The rejected records, by the source or stage that rejected them.
@@ -46,7 +47,7 @@ pub struct Committed {
 /// Tells whether a complete input unit stays in the checkpoint.
 pub type KeepUnit = Box<dyn Fn(&str) -> bool + Send>;
 
-/// How output files are written.
+/// The layout of output files.
 pub struct FileFormat {
     /// The written schema.
     pub schema: SchemaRef,
@@ -80,7 +81,7 @@ pub struct RotatingSink {
     keep_complete: Option<KeepUnit>,
     /// Records held: rows, or runs of one key after a fan-out.
     record_count: u64,
-    last_key: Option<String>,
+    records: RecordRuns,
 }
 
 impl RotatingSink {
@@ -103,7 +104,7 @@ impl RotatingSink {
             key_column: key_column.to_string(),
             keep_complete: None,
             record_count: 0,
-            last_key: None,
+            records: RecordRuns::default(),
         }
     }
 
@@ -145,7 +146,7 @@ impl RotatingSink {
             self.last_unit = Some(mark.unit.clone());
         }
         if batch.data.num_rows() > 0 {
-            self.record_count += self.count_records(&batch.data);
+            self.record_count += self.records.count(&batch.data, &self.key_column);
             self.row_count += batch.data.num_rows() as u64;
             self.bytes += batch.data.get_array_memory_size() as u64;
             self.rows.push(batch.data);
@@ -153,38 +154,18 @@ impl RotatingSink {
         self.at_boundary = batch.ends_source_batch;
     }
 
-    /// Counts the records among a batch's rows. After a fan-out, a record's
-    /// rows are contiguous, so a record starts wherever the key changes.
-    fn count_records(&mut self, data: &RecordBatch) -> u64 {
-        if data.column_by_name(SAMPLE_COLUMN).is_none() {
-            return data.num_rows() as u64;
-        }
-        let Some(keys) = Keys::new(data, &self.key_column) else {
-            return data.num_rows() as u64;
-        };
-        let mut records = 0;
-        for row in 0..data.num_rows() {
-            let key = keys.get(row);
-            if self.last_key.as_deref() != Some(key.as_str()) {
-                records += 1;
-                self.last_key = Some(key);
-            }
-        }
-        records
-    }
-
-    /// Whether anything is held that a commit would write.
+    /// Returns whether anything is held that a commit would write.
     pub fn has_pending(&self) -> bool {
         self.row_count > 0 || !self.dead.is_empty() || self.marked
     }
 
-    /// Whether a commit may happen now: at the end of a source batch.
+    /// Returns whether a commit may happen now, at the end of a source batch.
     pub fn at_boundary(&self) -> bool {
         self.at_boundary
     }
 
-    /// Whether the open file reached a rotation limit. Until the end of a
-    /// source batch arrives, the file may go past it.
+    /// Returns whether the open file reached a rotation limit. Until the end
+    /// of a source batch arrives, the file may go past it.
     pub fn is_full(&self) -> bool {
         self.row_count >= self.rotate.rows
             || self.bytes >= self.rotate.bytes
@@ -231,7 +212,7 @@ impl RotatingSink {
                 file.set_footer_metadata(FOOTER_KEY, footer.clone());
             }
             file.finish()?;
-            committed.files.push((path.clone(), file_size(&path)));
+            committed.files.push(("dead_letters", path.clone(), file_size(&path)));
         }
         if has_rows {
             let path = self.dir.join(part_name(number));
@@ -248,7 +229,7 @@ impl RotatingSink {
             }
             file.set_footer_metadata(FOOTER_KEY, footer);
             file.finish()?;
-            committed.files.push((path.clone(), file_size(&path)));
+            committed.files.push(("output", path.clone(), file_size(&path)));
         }
         next.save(&self.dir).map_err(|err| SinkError::Target { path: self.dir.clone(), message: err.to_string() })?;
 

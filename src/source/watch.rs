@@ -14,7 +14,7 @@
 //! skipped, and a partly durable one resumes after its durable records.
 //! Keys stay unique across files: where the `read` source would key records
 //! by ordinal, the key is `NAME:ORDINAL` in a string column `key`. A string
-//! column `origin` holds each record's file name.
+//! column `origin` contains each record's file name.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -125,8 +125,8 @@ impl WatchSource {
     }
 
     /// Waits for the first complete file that can be opened and passes the
-    /// schema check, and returns the schema and key column of its batches;
-    /// every file must share them. Returns `None` if `stop` is set first.
+    /// schema check, and returns the schema and key column of its batches.
+    /// Every file must share them. Returns `None` if `stop` is set first.
     pub fn wait_for_schema(
         &mut self,
         _durable: &Checkpoint,
@@ -167,7 +167,7 @@ impl WatchSource {
     }
 
     /// Reads settled files into `output` until `stop` is set or the output
-    /// is closed. `on_records` is told how many records each batch holds.
+    /// is closed. `on_records` receives the number of records in each batch.
     pub fn run(
         &mut self,
         durable: &Checkpoint,
@@ -203,11 +203,14 @@ impl WatchSource {
         let dir = &self.config.path;
         let io_error = |source| SourceError::Io { path: dir.clone(), source };
         let settle = Duration::from_millis(self.config.settle_ms);
+
+        let mut present = HashSet::new();
         let mut seen = HashSet::new();
         let mut settled = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_error)? {
             let entry = entry.map_err(io_error)?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            present.insert(name.clone());
             if name.starts_with('.') || name.ends_with(".partial") || name.ends_with(".tmp") {
                 continue;
             }
@@ -221,6 +224,7 @@ impl WatchSource {
                 }
                 continue;
             }
+
             let Ok(metadata) = entry.metadata() else { continue };
             if !metadata.is_file() {
                 continue;
@@ -236,15 +240,12 @@ impl WatchSource {
                 settled.push(name);
             }
         }
+
         self.candidates.retain(|name, _| seen.contains(name));
-        let present: HashSet<String> = std::fs::read_dir(dir)
-            .map_err(io_error)?
-            .filter_map(|entry| entry.ok().map(|entry| entry.file_name().to_string_lossy().into_owned()))
-            .collect();
         self.started.retain(|name| present.contains(name));
         self.started_before.retain(|name| present.contains(name));
-        self.scanned = true;
         self.skipped.retain(|name| present.contains(name));
+        self.scanned = true;
         settled.sort();
         for name in &settled {
             self.candidates.remove(name);
@@ -320,7 +321,7 @@ impl WatchSource {
             }
         };
         // A file whose columns differ from the first file's in nullability
-        // alone is read with the first file's schema; a null where that
+        // alone is read with the first file's schema. A null where that
         // schema has none rejects the rest of the file.
         let retype = self.schema.as_ref().and_then(|(expected, _)| {
             (expected.fields() != reader.schema.fields() && same_but_nullability(expected, &reader.schema))
@@ -459,8 +460,8 @@ fn error_text(err: &SourceError) -> String {
     crate::runtime::error_chain(err)
 }
 
-/// Whether two schemas have the same columns, in the same order, with the
-/// same types and metadata, differing at most in nullability.
+/// Returns whether two schemas have the same columns, in the same order,
+/// with the same types and metadata, differing at most in nullability.
 fn same_but_nullability(expected: &Schema, found: &Schema) -> bool {
     expected.fields().len() == found.fields().len()
         && expected

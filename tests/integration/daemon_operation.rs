@@ -78,6 +78,17 @@ struct Dirs {
     log: PathBuf,
 }
 
+/// Starts the daemon on the digits pipeline over `dirs`, with noise std 0.1,
+/// and waits for `/healthz`.
+fn start_digits(dirs: &Dirs) -> Daemon {
+    let port = free_port();
+    let yaml = digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp());
+    let pipeline = write_pipeline(dirs.root.path(), "digits.yaml", &yaml);
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
+    daemon.wait_healthy();
+    daemon
+}
+
 fn dirs() -> Dirs {
     let root = tempfile::tempdir().expect("a temporary directory is created");
     let input = root.path().join("in");
@@ -516,11 +527,7 @@ fn validate_checks_daemon_pipeline() {
 #[test]
 fn nullable_columns_match_first_file() {
     let dirs = dirs();
-    let port = free_port();
-    let pipeline =
-        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
-    daemon.wait_healthy();
+    let mut daemon = start_digits(&dirs);
 
     drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..10));
     daemon.wait_committed(&dirs.output, "a.arrow");
@@ -541,11 +548,7 @@ fn nullable_columns_match_first_file() {
 #[test]
 fn second_daemon_on_output_fails() {
     let dirs = dirs();
-    let port = free_port();
-    let pipeline =
-        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
-    daemon.wait_healthy();
+    let mut daemon = start_digits(&dirs);
 
     let other_input = dirs.root.path().join("in2");
     let other = digits_pipeline(&other_input, &dirs.output, free_port(), 0.1, &mlp());
@@ -564,11 +567,7 @@ fn second_daemon_on_output_fails() {
 #[test]
 fn removed_name_is_read_again_after_commit() {
     let dirs = dirs();
-    let port = free_port();
-    let pipeline =
-        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
-    daemon.wait_healthy();
+    let mut daemon = start_digits(&dirs);
 
     drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..10));
     daemon.wait_committed(&dirs.output, "a.arrow");
@@ -628,11 +627,7 @@ fn json_logs_one_object_per_line() {
 #[test]
 fn unfit_first_file_is_dead_lettered() {
     let dirs = dirs();
-    let port = free_port();
-    let pipeline =
-        write_pipeline(dirs.root.path(), "digits.yaml", &digits_pipeline(&dirs.input, &dirs.output, port, 0.1, &mlp()));
-    let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
-    daemon.wait_healthy();
+    let mut daemon = start_digits(&dirs);
 
     let ids_only = digits_slice(0..10).project(&[0]).expect("the id column is projected");
     drop_arrow(&dirs.input, "a_ids_only.arrow", &ids_only);
