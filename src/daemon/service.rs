@@ -446,14 +446,16 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
         match tokio::task::block_in_place(|| sink.commit()) {
             Ok(None) => return,
             Ok(Some(committed)) => {
-                for (kind, path, bytes) in &committed.files {
-                    shared.metrics.file_committed(kind, *bytes);
-                    tracing::info!(file = %path.display(), bytes, "file committed");
-                }
+                // Rows and dead letters are counted before the files, so a
+                // scrape that sees a file counted also sees what it holds.
                 for stage in &committed.dead_letters {
                     shared.metrics.dead_lettered(stage, 1);
                 }
                 shared.metrics.records_written(committed.records, committed.rows);
+                for (kind, path, bytes) in &committed.files {
+                    shared.metrics.file_committed(kind, *bytes);
+                    tracing::info!(file = %path.display(), bytes, "file committed");
+                }
                 if shared.commit_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("commits succeed again; accepting input");
                     shared.metrics.set_accepting(true);

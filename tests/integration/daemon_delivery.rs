@@ -505,10 +505,11 @@ fn metrics_match_committed_files() {
     let done = wait_until(Duration::from_secs(30), || all_complete(&output, 3));
     assert!(done, "the daemon did not complete the three inputs within 30 s\n{}", daemon.log_tail());
 
-    // The metrics of a commit are updated just after its files, rows_out
-    // last, so wait until they count every committed file and row.
+    // The metrics of a commit are updated one by one just after its files,
+    // so wait until they count every committed file, row and dead letter.
     let committed = Committed::read(&output);
     let rows = committed.row_count();
+    let dead = committed.dead_count();
     let mut text = String::new();
     let caught_up = wait_until(Duration::from_secs(5), || {
         text = match http_get(port, "/metrics") {
@@ -520,8 +521,12 @@ fn metrics_match_committed_files() {
         output_files == Some(committed.part_files as f64)
             && dead_files == Some(committed.dead_files as f64)
             && metric(&text, "stochflow_rows_out_total") == Some(rows as f64)
+            && metric_sum(&text, "stochflow_dead_letters_total") == dead as f64
     });
-    assert!(caught_up, "files_committed_total and rows_out_total never matched the files within 5 s\n{text}");
+    assert!(
+        caught_up,
+        "files_committed_total, rows_out_total and dead_letters_total never matched the files within 5 s\n{text}"
+    );
 
     let records_out = metric(&text, "stochflow_records_out_total");
     assert_eq!(
@@ -530,12 +535,6 @@ fn metrics_match_committed_files() {
         "records_out_total against the part files' rows / {SAMPLES}"
     );
     assert_eq!(metric(&text, "stochflow_rows_out_total"), Some(rows as f64), "rows_out_total against the part files");
-    let dead = committed.dead_count();
-    assert_eq!(
-        metric_sum(&text, "stochflow_dead_letters_total"),
-        dead as f64,
-        "dead_letters_total against the dead rows"
-    );
     let records_in = metric(&text, r#"stochflow_records_in_total{source="watch"}"#);
     assert_eq!(records_in, Some((rows / SAMPLES + dead) as f64), "records read against records written or dead");
     assert!(committed.part_files > 1, "the 1280-row limit rotates the output into several files");
