@@ -1,30 +1,31 @@
-//! The chain of stage tasks between a source and a sink.
+//! The chain of stages between a source and a sink.
 //!
 //! A stage that wants batches of a fixed size (the model stage) gets a
-//! regrouping task in front of it. The stages from one regrouping to the next
-//! form a segment, and a segment runs as one task. Each batch goes through
-//! all its stages in one call on a blocking thread, so a batch changes
-//! threads once per segment rather than once per stage. A segment runs up to
-//! the largest `concurrency()` of its stages batches at once, and emits
-//! results in input order, so the output order equals the input order
-//! whatever the parallelism. A model stage with fewer sessions than that
-//! makes the extra calls wait for a free session. Segments and regroupings
-//! are joined by bounded channels of `channel_capacity` batches.
+//! regrouping task in front of it, moved up past the stages before it that
+//! keep one row per record (noise, augmentation), since their output does
+//! not depend on how rows are batched. The stages from one regrouping to the
+//! next form a segment. A segment runs on worker threads, as many as the
+//! largest `concurrency()` of its stages, each taking the next batch and
+//! running it through every stage of the segment, so a batch changes
+//! threads once per segment rather than once per stage. Results leave in
+//! input order, so the output order equals the input order whatever the
+//! parallelism. A model stage with fewer sessions than workers makes the
+//! extra workers wait for a free session. Segments and regroupings are
+//! joined by bounded channels of `channel_capacity` batches.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
-use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::execute::RunError;
 use super::rebatch::{Flushing, rebatch};
 use crate::batch::Batch;
-use crate::stage::Stage;
+use crate::stage::{Stage, StageError};
 
 /// Receives a measurement of every batch a stage processes.
 pub trait StageObserver: Send + Sync {
@@ -44,8 +45,8 @@ pub struct ChainOptions {
     pub observer: Option<Arc<dyn StageObserver>>,
 }
 
-/// Spawns a task per stage (and per regrouping) onto `tasks`, reading from
-/// `input`, and returns the receiver of the last stage's batches.
+/// Spawns the regroupings and segments of `stages` onto `tasks`, reading
+/// from `input`, and returns the receiver of the last stage's batches.
 pub fn spawn_stages(
     tasks: &mut JoinSet<Result<(), RunError>>,
     stages: &[Arc<dyn Stage>],
@@ -54,9 +55,10 @@ pub fn spawn_stages(
     options: &ChainOptions,
 ) -> mpsc::Receiver<Batch> {
     let mut rx = input;
+    let regroupings = regroupings(stages);
     let mut start = 0;
     while start < stages.len() {
-        if let Some(size) = stages[start].batch_size() {
+        if let Some(&(_, size)) = regroupings.iter().find(|&&(at, _)| at == start) {
             let (tx, next_rx) = mpsc::channel(options.channel_capacity);
             let upstream = std::mem::replace(&mut rx, next_rx);
             let schema = stage_inputs[start].clone();
@@ -66,10 +68,7 @@ pub fn spawn_stages(
                 Ok(())
             });
         }
-        let mut end = start + 1;
-        while end < stages.len() && stages[end].batch_size().is_none() {
-            end += 1;
-        }
+        let end = regroupings.iter().map(|&(at, _)| at).find(|&at| at > start).unwrap_or(stages.len());
         let (tx, next_rx) = mpsc::channel(options.channel_capacity);
         let upstream = std::mem::replace(&mut rx, next_rx);
         tasks.spawn(run_segment(stages[start..end].to_vec(), upstream, tx, options.observer.clone()));
@@ -78,8 +77,26 @@ pub fn spawn_stages(
     rx
 }
 
-/// Runs a segment of stages over its input, up to the largest concurrency of
-/// its stages at a time on blocking threads, sending results in input order.
+/// Where rows are regrouped, and into batches of how many rows: in front of
+/// each stage that wants a fixed batch size, moved up past the stages before
+/// it that keep rows, so that they join its segment.
+fn regroupings(stages: &[Arc<dyn Stage>]) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    let mut floor = 0;
+    for (index, stage) in stages.iter().enumerate() {
+        let Some(size) = stage.batch_size() else { continue };
+        let mut at = index;
+        while at > floor && stages[at - 1].keeps_rows() && stages[at - 1].batch_size().is_none() {
+            at -= 1;
+        }
+        found.push((at, size));
+        floor = index + 1;
+    }
+    found
+}
+
+/// Runs a segment of stages over its input on worker threads, as many as
+/// the largest concurrency of its stages, sending results in input order.
 async fn run_segment(
     stages: Vec<Arc<dyn Stage>>,
     input: mpsc::Receiver<Batch>,
@@ -89,35 +106,130 @@ async fn run_segment(
     let concurrency = stages.iter().map(|stage| stage.concurrency()).max().unwrap_or(1).max(1);
     let spans: Vec<tracing::Span> =
         stages.iter().map(|stage| tracing::info_span!("stage", name = %stage.name())).collect();
-    let segment: Arc<[(Arc<dyn Stage>, tracing::Span)]> = stages.into_iter().zip(spans).collect();
-    let mut results = ReceiverStream::new(input)
-        .map(|batch| {
-            let segment = segment.clone();
-            let observer = observer.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut batch = batch;
-                for (stage, span) in segment.iter() {
-                    batch = span.in_scope(|| process(stage.as_ref(), batch, observer.as_deref()))?;
-                }
-                Ok::<_, crate::stage::StageError>(batch)
-            })
-        })
-        .buffered(concurrency);
-    while let Some(joined) = results.next().await {
-        let batch = joined.map_err(|err| RunError::Task(err.to_string()))??;
-        if output.send(batch).await.is_err() {
-            break;
+    let segment = Arc::new(Segment {
+        stages: stages.into_iter().zip(spans).collect(),
+        observer,
+        intake: Mutex::new(Intake { input, next: 0 }),
+        window: Semaphore::new(concurrency),
+        order: Mutex::new(Order { next: 0, done: BTreeMap::new(), output }),
+        stopped: AtomicBool::new(false),
+        stop: Notify::new(),
+    });
+    let handle = tokio::runtime::Handle::current();
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let segment = segment.clone();
+        let handle = handle.clone();
+        workers.spawn_blocking(move || segment.work(&handle));
+    }
+    while let Some(joined) = workers.join_next().await {
+        let result = joined.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
+        if result.is_err() {
+            segment.halt();
+            return result;
         }
     }
     Ok(())
 }
 
+/// The shared state of a segment's workers.
+///
+/// A worker takes the next batch and its sequence number from the intake,
+/// runs it through the stages, and files the result in the order book. The
+/// worker that files the next batch due sends it, and any that were waiting
+/// behind it, downstream. The window holds one permit per batch between
+/// intake and output, so at most `concurrency` batches are in the segment.
+struct Segment {
+    stages: Vec<(Arc<dyn Stage>, tracing::Span)>,
+    observer: Option<Arc<dyn StageObserver>>,
+    intake: Mutex<Intake>,
+    window: Semaphore,
+    order: Mutex<Order>,
+    stopped: AtomicBool,
+    stop: Notify,
+}
+
+struct Intake {
+    input: mpsc::Receiver<Batch>,
+    next: u64,
+}
+
+struct Order {
+    next: u64,
+    done: BTreeMap<u64, Result<Batch, StageError>>,
+    output: mpsc::Sender<Batch>,
+}
+
+impl Segment {
+    fn work(&self, handle: &tokio::runtime::Handle) -> Result<(), RunError> {
+        loop {
+            let Some(permit) = handle.block_on(self.unless_halted(self.window.acquire())) else { return Ok(()) };
+            permit.expect("the window is never closed").forget();
+            let (sequence, batch) = {
+                let mut intake = self.intake.lock().expect("no worker panics while holding the intake");
+                let Some(Some(batch)) = handle.block_on(self.unless_halted(intake.input.recv())) else {
+                    return Ok(());
+                };
+                intake.next += 1;
+                (intake.next - 1, batch)
+            };
+            let result = self.run(batch);
+
+            let mut order = self.order.lock().expect("no worker panics while holding the order book");
+            order.done.insert(sequence, result);
+            loop {
+                let due = order.next;
+                let Some(result) = order.done.remove(&due) else { break };
+                order.next += 1;
+                let batch = match result {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        self.halt();
+                        return Err(err.into());
+                    }
+                };
+                match handle.block_on(self.unless_halted(order.output.send(batch))) {
+                    Some(Ok(())) => self.window.add_permits(1),
+                    _ => {
+                        self.halt();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one batch through the segment's stages.
+    fn run(&self, mut batch: Batch) -> Result<Batch, StageError> {
+        for (stage, span) in &self.stages {
+            batch = span.in_scope(|| process(stage.as_ref(), batch, self.observer.as_deref()))?;
+        }
+        Ok(batch)
+    }
+
+    /// Stops every worker: those waiting return, the others return after
+    /// their current batch.
+    fn halt(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+
+    /// Awaits `future` unless the segment is halted first.
+    async fn unless_halted<T>(&self, future: impl Future<Output = T>) -> Option<T> {
+        let halted = self.stop.notified();
+        if self.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = halted => None,
+            value = future => Some(value),
+        }
+    }
+}
+
 /// Runs one stage on one batch, and reports it to the observer.
-fn process(
-    stage: &dyn Stage,
-    batch: Batch,
-    observer: Option<&dyn StageObserver>,
-) -> Result<Batch, crate::stage::StageError> {
+fn process(stage: &dyn Stage, batch: Batch, observer: Option<&dyn StageObserver>) -> Result<Batch, StageError> {
     let Some(observer) = observer else { return stage.process(batch) };
     let started = Instant::now();
     let rows_in = batch.data.num_rows();
@@ -136,4 +248,126 @@ fn process(
         );
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// A stage that passes batches on after a pause that varies by batch,
+    /// and fails on the batch whose first id is `fail_at`.
+    struct Probe {
+        size: Option<usize>,
+        keeps_rows: bool,
+        concurrency: usize,
+        fail_at: Option<i64>,
+    }
+
+    impl Probe {
+        fn stage(size: Option<usize>, keeps_rows: bool) -> Arc<dyn Stage> {
+            Arc::new(Probe { size, keeps_rows, concurrency: 1, fail_at: None })
+        }
+    }
+
+    impl Stage for Probe {
+        fn name(&self) -> &str {
+            "probe"
+        }
+
+        fn batch_size(&self) -> Option<usize> {
+            self.size
+        }
+
+        fn concurrency(&self) -> usize {
+            self.concurrency
+        }
+
+        fn keeps_rows(&self) -> bool {
+            self.keeps_rows
+        }
+
+        fn process(&self, batch: Batch) -> Result<Batch, StageError> {
+            let ids = batch.data.column(0).as_any().downcast_ref::<Int64Array>().expect("an id column");
+            let first = ids.value(0);
+            if Some(first) == self.fail_at {
+                return Err(StageError { stage: String::from("probe"), message: format!("batch at {first}") });
+            }
+            // Later batches finish sooner, so workers finish out of order.
+            std::thread::sleep(Duration::from_micros(200 * (7 - first as u64 % 7)));
+            Ok(batch)
+        }
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]))
+    }
+
+    fn options() -> ChainOptions {
+        ChainOptions { channel_capacity: 2, max_delay: None, flush_request: None, observer: None }
+    }
+
+    /// Sends `batches` batches of one id each through `stages`, and returns
+    /// the ids that came out and the first task error.
+    fn run(stages: &[Arc<dyn Stage>], batches: i64) -> (Vec<i64>, Option<String>) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (tx, rx) = mpsc::channel(2);
+            let mut tasks = JoinSet::new();
+            let inputs = vec![schema(); stages.len()];
+            let mut out = spawn_stages(&mut tasks, stages, inputs, rx, &options());
+            tokio::spawn(async move {
+                for id in 0..batches {
+                    let data = RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![id]))]).unwrap();
+                    if tx.send(Batch::new(data, Vec::new())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut ids = Vec::new();
+            while let Some(batch) = out.recv().await {
+                let column = batch.data.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                ids.extend(column.values().iter().copied());
+            }
+            let mut error = None;
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(err) = joined.unwrap() {
+                    error.get_or_insert(err.to_string());
+                }
+            }
+            (ids, error)
+        })
+    }
+
+    #[test]
+    fn regrouping_moves_up_past_stages_that_keep_rows() {
+        let noise = || Probe::stage(None, true);
+        let fan_out = || Probe::stage(None, false);
+        let model = |size| Probe::stage(Some(size), true);
+        assert_eq!(regroupings(&[noise(), model(64), noise()]), [(0, 64)]);
+        assert_eq!(regroupings(&[fan_out(), noise(), model(64)]), [(1, 64)]);
+        assert_eq!(regroupings(&[noise(), model(64), noise(), model(32)]), [(0, 64), (2, 32)]);
+        assert_eq!(regroupings(&[model(64), model(32)]), [(0, 64), (1, 32)]);
+        assert!(regroupings(&[noise(), fan_out()]).is_empty());
+    }
+
+    #[test]
+    fn workers_keep_input_order() {
+        let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 4, fail_at: None });
+        let stages = [parallel, Probe::stage(None, false), Probe::stage(Some(1), true)];
+        let (ids, error) = run(&stages, 60);
+        assert_eq!(error, None);
+        assert_eq!(ids, (0..60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn failure_stops_the_segment_after_the_batches_before_it() {
+        let failing: Arc<dyn Stage> =
+            Arc::new(Probe { size: None, keeps_rows: true, concurrency: 3, fail_at: Some(9) });
+        let (ids, error) = run(&[failing], 1000);
+        assert_eq!(ids, (0..9).collect::<Vec<_>>(), "every batch before the failing one, in order, and none after");
+        assert_eq!(error.as_deref(), Some("stage probe failed: batch at 9"));
+    }
 }

@@ -35,6 +35,8 @@ struct InputEnd {
     row: usize,
     rejected: Vec<Rejected>,
     marks: Vec<Mark>,
+    /// Whether the input batch ended a source batch.
+    ends_source_batch: bool,
 }
 
 /// Rows received but not yet sent.
@@ -54,7 +56,12 @@ impl Pending {
             self.parts.push(batch.data);
         }
         if !batch.rejected.is_empty() || !batch.marks.is_empty() || batch.ends_source_batch {
-            self.ends.push_back(InputEnd { row: self.rows, rejected: batch.rejected, marks: batch.marks });
+            self.ends.push_back(InputEnd {
+                row: self.rows,
+                rejected: batch.rejected,
+                marks: batch.marks,
+                ends_source_batch: batch.ends_source_batch,
+            });
         }
         self.since.get_or_insert_with(Instant::now);
     }
@@ -82,7 +89,7 @@ impl Pending {
                 let input_end = self.ends.pop_front().expect("front was checked");
                 batch.rejected.extend(input_end.rejected);
                 batch.marks.extend(input_end.marks);
-                batch.ends_source_batch = input_end.row == end;
+                batch.ends_source_batch = input_end.row == end && input_end.ends_source_batch;
             }
             batches.push(batch);
             offset = end;
@@ -299,6 +306,17 @@ mod tests {
         assert_eq!(sizes, [4, 1, 4, 1], "each input batch is sent on whole, in full batches and a remainder");
         assert!(outputs[1].ends_source_batch, "the first remainder ends its source batch");
         assert!(outputs[3].ends_source_batch, "the second remainder ends its source batch");
+    }
+
+    #[tokio::test]
+    async fn regrouping_again_keeps_source_batch_ends() {
+        let inputs = || vec![marked(0..5, "a"), marked(5..10, "a"), marked(10..13, "a")];
+        let once = regroup(inputs(), 4, Flushing::default()).await;
+        let ends: Vec<bool> = once.iter().map(|b| b.ends_source_batch).collect();
+        assert_eq!(ends, [false, false, false, true], "rows 0-3, 4-7, 8-11 end inside input batches");
+        let twice = regroup(once, 4, Flushing::default()).await;
+        let ends_twice: Vec<bool> = twice.iter().map(|b| b.ends_source_batch).collect();
+        assert_eq!(ends_twice, ends, "a second regrouping of the same size changes nothing");
     }
 
     #[test]

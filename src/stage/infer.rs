@@ -494,6 +494,10 @@ impl Stage for Infer {
         self.pool.size
     }
 
+    fn keeps_rows(&self) -> bool {
+        true
+    }
+
     fn process(&self, batch: Batch) -> Result<Batch, StageError> {
         let problems = self.non_finite_rows(&batch.data);
         let mut batch = reject_rows(batch, problems, &self.name, &self.key_column);

@@ -217,6 +217,10 @@ impl Stage for Preprocess {
         self.workers
     }
 
+    fn keeps_rows(&self) -> bool {
+        true
+    }
+
     fn process(&self, batch: Batch) -> Result<Batch, StageError> {
         let column = batch.data.column_by_name(&self.config.column).expect("the planned column exists").clone();
         let row_len = self.tensor.len();

@@ -113,6 +113,10 @@ impl Stage for AddNoise {
         self.workers
     }
 
+    fn keeps_rows(&self) -> bool {
+        true
+    }
+
     fn process(&self, mut batch: Batch) -> Result<Batch, StageError> {
         let data = &batch.data;
         let column = data.column_by_name(&self.column).expect("the planned column exists");

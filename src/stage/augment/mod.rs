@@ -314,6 +314,10 @@ impl Stage for Augment {
         self.workers
     }
 
+    fn keeps_rows(&self) -> bool {
+        true
+    }
+
     fn process(&self, mut batch: Batch) -> Result<Batch, StageError> {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
         let data = &batch.data;

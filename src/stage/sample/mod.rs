@@ -373,6 +373,10 @@ impl Stage for Sample {
         self.workers
     }
 
+    fn keeps_rows(&self) -> bool {
+        self.samples <= 1
+    }
+
     fn process(&self, batch: Batch) -> Result<Batch, StageError> {
         match &self.sampler {
             Sampler::Categorical(s) => self.run(s, batch),
