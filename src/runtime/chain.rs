@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::execute::RunError;
-use super::rebatch::{Flushing, rebatch};
+use super::rebatch::{Flushing, Regrouper, rebatch};
 use crate::batch::Batch;
 use crate::stage::{Stage, StageError};
 
@@ -45,6 +45,24 @@ pub struct ChainOptions {
     pub observer: Option<Arc<dyn StageObserver>>,
 }
 
+/// Where the first segment of a chain takes its batches from.
+pub enum Intake {
+    /// A channel fed by another task.
+    Channel(mpsc::Receiver<Batch>),
+    /// A function the segment's workers call, one at a time, for the next
+    /// batch (`None` at the end). The one-shot run reads its source this
+    /// way, so a batch is read, processed and written on one thread.
+    Pull(Box<dyn FnMut() -> Result<Option<Batch>, RunError> + Send>),
+}
+
+/// Where the last segment of a chain puts its batches, in input order.
+pub enum Outlet {
+    /// A channel read by another task.
+    Channel(mpsc::Sender<Batch>),
+    /// A function the segment's workers call, one at a time.
+    Push(Box<dyn FnMut(Batch) -> Result<(), RunError> + Send>),
+}
+
 /// Spawns the regroupings and segments of `stages` onto `tasks`, reading
 /// from `input`, and returns the receiver of the last stage's batches.
 pub fn spawn_stages(
@@ -54,27 +72,65 @@ pub fn spawn_stages(
     input: mpsc::Receiver<Batch>,
     options: &ChainOptions,
 ) -> mpsc::Receiver<Batch> {
-    let mut rx = input;
+    let (tx, rx) = mpsc::channel(options.channel_capacity);
+    spawn_chain(tasks, stages, stage_inputs, Intake::Channel(input), Outlet::Channel(tx), options);
+    rx
+}
+
+/// Spawns the regroupings and segments of `stages` onto `tasks`, from
+/// `intake` to `outlet`. A chain without stages still runs one segment,
+/// which passes batches on.
+///
+/// A regrouping in front of the first segment runs as its own task when
+/// the intake is a channel, and inside the intake when the intake is a
+/// pull; the latter ignores `max_delay` and `flush_request`, which only a
+/// channel intake (the daemon's) needs.
+pub fn spawn_chain(
+    tasks: &mut JoinSet<Result<(), RunError>>,
+    stages: &[Arc<dyn Stage>],
+    stage_inputs: Vec<SchemaRef>,
+    intake: Intake,
+    outlet: Outlet,
+    options: &ChainOptions,
+) {
     let regroupings = regroupings(stages);
+    let mut intake = intake;
+    let mut outlet = Some(outlet);
     let mut start = 0;
-    while start < stages.len() {
+    loop {
         if let Some(&(_, size)) = regroupings.iter().find(|&&(at, _)| at == start) {
-            let (tx, next_rx) = mpsc::channel(options.channel_capacity);
-            let upstream = std::mem::replace(&mut rx, next_rx);
             let schema = stage_inputs[start].clone();
-            let flushing = Flushing { max_delay: options.max_delay, requested: options.flush_request.clone() };
-            tasks.spawn(async move {
-                rebatch(upstream, tx, size, schema, flushing).await;
-                Ok(())
-            });
+            intake = match intake {
+                Intake::Channel(upstream) => {
+                    let (tx, rx) = mpsc::channel(options.channel_capacity);
+                    let flushing = Flushing { max_delay: options.max_delay, requested: options.flush_request.clone() };
+                    tasks.spawn(async move {
+                        rebatch(upstream, tx, size, schema, flushing).await;
+                        Ok(())
+                    });
+                    Intake::Channel(rx)
+                }
+                Intake::Pull(pull) => {
+                    let mut regrouper = Regrouper::new(pull, size, schema);
+                    Intake::Pull(Box::new(move || regrouper.next()))
+                }
+            };
         }
         let end = regroupings.iter().map(|&(at, _)| at).find(|&at| at > start).unwrap_or(stages.len());
-        let (tx, next_rx) = mpsc::channel(options.channel_capacity);
-        let upstream = std::mem::replace(&mut rx, next_rx);
-        tasks.spawn(run_segment(stages[start..end].to_vec(), upstream, tx, options.observer.clone()));
+        let last = end == stages.len();
+        let (segment_outlet, next_intake) = if last {
+            (outlet.take().expect("the outlet is used once, by the last segment"), None)
+        } else {
+            let (tx, rx) = mpsc::channel(options.channel_capacity);
+            (Outlet::Channel(tx), Some(Intake::Channel(rx)))
+        };
+        tasks.spawn(run_segment(stages[start..end].to_vec(), intake, segment_outlet, options.observer.clone()));
+        match next_intake {
+            Some(next) => intake = next,
+            None => break,
+        }
         start = end;
     }
-    rx
 }
 
 /// Where rows are regrouped, and into batches of how many rows: in front of
@@ -95,12 +151,13 @@ fn regroupings(stages: &[Arc<dyn Stage>]) -> Vec<(usize, usize)> {
     found
 }
 
-/// Runs a segment of stages over its input on worker threads, as many as
-/// the largest concurrency of its stages, sending results in input order.
+/// Runs a segment of stages over its intake on worker threads, as many as
+/// the largest concurrency of its stages, putting results to its outlet in
+/// input order.
 async fn run_segment(
     stages: Vec<Arc<dyn Stage>>,
-    input: mpsc::Receiver<Batch>,
-    output: mpsc::Sender<Batch>,
+    intake: Intake,
+    outlet: Outlet,
     observer: Option<Arc<dyn StageObserver>>,
 ) -> Result<(), RunError> {
     let concurrency = stages.iter().map(|stage| stage.concurrency()).max().unwrap_or(1).max(1);
@@ -109,9 +166,9 @@ async fn run_segment(
     let segment = Arc::new(Segment {
         stages: stages.into_iter().zip(spans).collect(),
         observer,
-        intake: Mutex::new(Intake { input, next: 0 }),
+        intake: Mutex::new(IntakeState { intake, next: 0, ended: false }),
         window: Semaphore::new(concurrency),
-        order: Mutex::new(Order { next: 0, done: BTreeMap::new(), output }),
+        order: Mutex::new(Order { next: 0, done: BTreeMap::new(), outlet }),
         stopped: AtomicBool::new(false),
         stop: Notify::new(),
     });
@@ -136,28 +193,30 @@ async fn run_segment(
 ///
 /// A worker takes the next batch and its sequence number from the intake,
 /// runs it through the stages, and files the result in the order book. The
-/// worker that files the next batch due sends it, and any that were waiting
-/// behind it, downstream. The window holds one permit per batch between
-/// intake and output, so at most `concurrency` batches are in the segment.
+/// worker that files the next batch due puts it, and any that were waiting
+/// behind it, to the outlet. The window holds one permit per batch between
+/// intake and outlet, so at most `concurrency` batches are in the segment.
 struct Segment {
     stages: Vec<(Arc<dyn Stage>, tracing::Span)>,
     observer: Option<Arc<dyn StageObserver>>,
-    intake: Mutex<Intake>,
+    intake: Mutex<IntakeState>,
     window: Semaphore,
     order: Mutex<Order>,
     stopped: AtomicBool,
     stop: Notify,
 }
 
-struct Intake {
-    input: mpsc::Receiver<Batch>,
+struct IntakeState {
+    intake: Intake,
     next: u64,
+    /// Set once the intake returned its end, so it is not asked again.
+    ended: bool,
 }
 
 struct Order {
     next: u64,
     done: BTreeMap<u64, Result<Batch, StageError>>,
-    output: mpsc::Sender<Batch>,
+    outlet: Outlet,
 }
 
 impl Segment {
@@ -166,12 +225,27 @@ impl Segment {
             let Some(permit) = handle.block_on(self.unless_halted(self.window.acquire())) else { return Ok(()) };
             permit.expect("the window is never closed").forget();
             let (sequence, batch) = {
-                let mut intake = self.intake.lock().expect("no worker panics while holding the intake");
-                let Some(Some(batch)) = handle.block_on(self.unless_halted(intake.input.recv())) else {
-                    return Ok(());
+                let mut state = self.intake.lock().expect("no worker panics while holding the intake");
+                let state = &mut *state;
+                let received = match &mut state.intake {
+                    _ if state.ended || self.stopped.load(Ordering::SeqCst) => None,
+                    Intake::Channel(input) => handle.block_on(self.unless_halted(input.recv())).flatten().map(Ok),
+                    Intake::Pull(pull) => pull().transpose(),
                 };
-                intake.next += 1;
-                (intake.next - 1, batch)
+                match received {
+                    Some(Ok(batch)) => {
+                        state.next += 1;
+                        (state.next - 1, batch)
+                    }
+                    Some(Err(err)) => {
+                        self.halt();
+                        return Err(err);
+                    }
+                    None => {
+                        state.ended = true;
+                        return Ok(());
+                    }
+                }
             };
             let result = self.run(batch);
 
@@ -188,11 +262,22 @@ impl Segment {
                         return Err(err.into());
                     }
                 };
-                match handle.block_on(self.unless_halted(order.output.send(batch))) {
-                    Some(Ok(())) => self.window.add_permits(1),
-                    _ => {
+                let put = match &mut order.outlet {
+                    Outlet::Channel(output) => match handle.block_on(self.unless_halted(output.send(batch))) {
+                        Some(Ok(())) => Ok(true),
+                        _ => Ok(false),
+                    },
+                    Outlet::Push(push) => push(batch).map(|()| true),
+                };
+                match put {
+                    Ok(true) => self.window.add_permits(1),
+                    Ok(false) => {
                         self.halt();
                         return Ok(());
+                    }
+                    Err(err) => {
+                        self.halt();
+                        return Err(err);
                     }
                 }
             }
@@ -339,6 +424,75 @@ mod tests {
             }
             (ids, error)
         })
+    }
+
+    /// Pulls `batches` batches of three ids each through `stages` with a
+    /// pull intake that fails at batch `fail_at`, and returns the sizes of
+    /// the batches pushed, the ids, and the chain's first error.
+    fn pull_through(
+        stages: &[Arc<dyn Stage>],
+        batches: i64,
+        fail_at: Option<i64>,
+    ) -> (Vec<usize>, Vec<i64>, Option<String>) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let pushed = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let error = runtime.block_on(async {
+            let mut next = 0;
+            let intake = Intake::Pull(Box::new(move || {
+                if Some(next) == fail_at {
+                    return Err(RunError::Task(format!("cannot read batch {next}")));
+                }
+                if next == batches {
+                    return Ok(None);
+                }
+                let ids = Int64Array::from_iter_values(next * 3..next * 3 + 3);
+                next += 1;
+                Ok(Some(Batch::new(RecordBatch::try_new(schema(), vec![Arc::new(ids)]).unwrap(), Vec::new())))
+            }));
+            let sink = pushed.clone();
+            let outlet = Outlet::Push(Box::new(move |batch| {
+                let column = batch.data.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                let mut sink = sink.lock().unwrap();
+                sink.0.push(column.len());
+                sink.1.extend(column.values().iter().copied());
+                Ok(())
+            }));
+            let mut tasks = JoinSet::new();
+            spawn_chain(&mut tasks, stages, vec![schema(); stages.len()], intake, outlet, &options());
+            let mut error = None;
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(err) = joined.unwrap() {
+                    error.get_or_insert(err.to_string());
+                }
+            }
+            error
+        });
+        let (sizes, ids) = std::mem::take(&mut *pushed.lock().unwrap());
+        (sizes, ids, error)
+    }
+
+    #[test]
+    fn pull_intake_regroups_and_push_outlet_keeps_order() {
+        let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 3, fail_at: None });
+        let stages = [parallel, Probe::stage(Some(4), true)];
+        let (sizes, ids, error) = pull_through(&stages, 11, None);
+        assert_eq!(error, None);
+        assert_eq!(sizes, [4, 4, 4, 4, 4, 4, 4, 4, 1], "33 rows in batches of 4 and a remainder");
+        assert_eq!(ids, (0..33).collect::<Vec<_>>());
+
+        let (_, ids, error) = pull_through(&[], 5, None);
+        assert_eq!((ids, error), ((0..15).collect(), None), "a chain without stages passes batches on");
+    }
+
+    #[test]
+    fn pull_failure_stops_the_chain() {
+        let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 2, fail_at: None });
+        let (_, ids, error) = pull_through(&[parallel], 100, Some(6));
+        assert_eq!(error.as_deref(), Some("a pipeline task failed unexpectedly: cannot read batch 6"));
+        assert!(
+            ids.len() <= 18 && ids.iter().copied().eq(0..ids.len() as i64),
+            "only batches before the failure, in order: {ids:?}"
+        );
     }
 
     #[test]

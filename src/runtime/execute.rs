@@ -1,23 +1,24 @@
 //! Running a planned pipeline.
 //!
-//! Each part runs as its own task, joined to the next by a bounded channel
-//! of `channel_capacity` batches, so a slow sink slows the source instead of
-//! filling memory. The source and the sink do blocking file I/O on blocking
-//! threads. Each stage runs up to `concurrency()` batches at once on
-//! blocking threads and emits results in input order, so the output order
-//! equals the input order whatever the parallelism.
+//! The workers of the first segment read the source themselves, one at a
+//! time, and the workers of the last segment write the sink, one at a time
+//! and in input order; with a single segment (the common case: noise, the
+//! model and sampling) a batch is read, processed and written on one
+//! thread, without hand-offs. Segments are joined by bounded channels of
+//! `channel_capacity` batches (see the chain module), so a slow sink slows
+//! the source instead of filling memory, and the output order equals the
+//! input order whatever the parallelism.
 //!
-//! Memory is bounded by the channels: at most `channel_capacity` batches
-//! wait between two tasks, plus the batches in flight inside each stage and
+//! Memory is bounded by the batches in flight: at most `concurrency()`
+//! batches inside each segment, `channel_capacity` batches between two
+//! segments, the rows a regrouping holds (less than one model batch) and
 //! the rows the sink buffers up to one record batch of the file.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
-use super::chain::{ChainOptions, spawn_stages};
+use super::chain::{ChainOptions, Intake, Outlet, spawn_chain};
 use super::plan::{Pipeline, error_chain};
 use crate::batch::{Batch, RecordRuns};
 use crate::sink::{Sink, SinkError};
@@ -79,48 +80,32 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     let Pipeline { mut source, stages, stage_inputs, channel_capacity, key_column, .. } = pipeline;
     let mut tasks = tokio::task::JoinSet::new();
 
-    let (source_tx, rx) = mpsc::channel::<Batch>(channel_capacity);
     let source_counters = counters.clone();
-    let source_task = tokio::task::spawn_blocking(move || -> Result<(), RunError> {
-        let _span = tracing::info_span!("source").entered();
-        while !source_counters.stop.load(Ordering::Relaxed) {
-            let Some(batch) = source.next_batch()? else { break };
-            source_counters.read.fetch_add((batch.data.num_rows() + batch.rejected.len()) as u64, Ordering::Relaxed);
-            if source_tx.blocking_send(batch).is_err() {
-                break;
-            }
+    let source_span = tracing::info_span!("source");
+    let intake = Intake::Pull(Box::new(move || {
+        let _span = source_span.enter();
+        if source_counters.stop.load(Ordering::Relaxed) {
+            return Ok(None);
         }
-        Ok(())
-    });
+        let batch = source.next_batch()?;
+        if let Some(batch) = &batch {
+            source_counters.read.fetch_add((batch.data.num_rows() + batch.rejected.len()) as u64, Ordering::Relaxed);
+        }
+        Ok(batch)
+    }));
+
+    let output = Arc::new(Mutex::new(Output { sink, records: RecordCounter::default(), logged: 0 }));
+    let sink_output = output.clone();
+    let sink_counters = counters.clone();
+    let sink_span = tracing::info_span!("sink");
+    let outlet = Outlet::Push(Box::new(move |batch| {
+        let _span = sink_span.enter();
+        let mut output = sink_output.lock().expect("the sink is not used after a panic");
+        output.write(&batch, &sink_counters, &key_column)
+    }));
 
     let options = ChainOptions { channel_capacity, max_delay: None, flush_request: None, observer: None };
-    let mut rx = spawn_stages(&mut tasks, &stages, stage_inputs, rx, &options);
-
-    let sink_counters = counters.clone();
-    let sink_task = tokio::task::spawn_blocking(move || -> Result<Sink, RunError> {
-        let _span = tracing::info_span!("sink").entered();
-        let mut sink = sink;
-        let mut records = RecordCounter::default();
-        let mut logged = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
-            for rejected in &batch.rejected {
-                logged += 1;
-                if is_rejection_logged(logged) {
-                    tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = logged, "record skipped");
-                }
-                if logged == REJECTION_LOG_LIMIT {
-                    tracing::warn!("further skipped records are logged once every {REJECTION_LOG_EVERY}");
-                }
-                if records.rejected_keys.insert(rejected.key.clone()) {
-                    sink_counters.rejected.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            sink.write(&batch.data)?;
-            sink_counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
-            sink_counters.written.fetch_add(records.runs.count(&batch.data, &key_column), Ordering::Relaxed);
-        }
-        Ok(sink)
-    });
+    spawn_chain(&mut tasks, &stages, stage_inputs, intake, outlet, &options);
 
     // The first failure is reported; dropping the channels stops the rest.
     let mut failure: Option<RunError> = None;
@@ -132,13 +117,12 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
             tasks.abort_all();
         }
     }
-    let source_result = source_task.await.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
-    let sink_result = sink_task.await.map_err(|err| RunError::Task(err.to_string())).and_then(|r| r);
     if let Some(err) = failure {
         return Err(err);
     }
-    source_result?;
-    let sink = sink_result?;
+    let output = Arc::try_unwrap(output)
+        .map_err(|_| RunError::Task(String::from("the sink was still in use after the pipeline finished")))?;
+    let sink = output.into_inner().map_err(|err| RunError::Task(err.to_string()))?.sink;
     let path = sink.finish()?;
     tracing::info!(path = %path.display(), "output committed");
 
@@ -150,6 +134,36 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         seconds: started.elapsed().as_secs_f64(),
         interrupted: counters.stop.load(Ordering::Relaxed),
     })
+}
+
+/// The sink of a one-shot run, written by whichever worker puts the next
+/// batch in input order.
+struct Output {
+    sink: Sink,
+    records: RecordCounter,
+    /// Rejections seen so far, for rate-limited logging.
+    logged: u64,
+}
+
+impl Output {
+    fn write(&mut self, batch: &Batch, counters: &Counters, key_column: &str) -> Result<(), RunError> {
+        for rejected in &batch.rejected {
+            self.logged += 1;
+            if is_rejection_logged(self.logged) {
+                tracing::warn!(record = %rejected.key, component = %rejected.component, reason = %rejected.reason, rejected_so_far = self.logged, "record skipped");
+            }
+            if self.logged == REJECTION_LOG_LIMIT {
+                tracing::warn!("further skipped records are logged once every {REJECTION_LOG_EVERY}");
+            }
+            if self.records.rejected_keys.insert(rejected.key.clone()) {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sink.write(&batch.data)?;
+        counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
+        counters.written.fetch_add(self.records.runs.count(&batch.data, key_column), Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Counts records at the sink. A record that lost some samples to

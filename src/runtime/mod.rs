@@ -6,7 +6,7 @@ mod execute;
 mod plan;
 mod rebatch;
 
-pub use chain::{ChainOptions, StageObserver, spawn_stages};
+pub use chain::{ChainOptions, Intake, Outlet, StageObserver, spawn_chain, spawn_stages};
 pub use execute::{
     Counters, REJECTION_LOG_EVERY, REJECTION_LOG_LIMIT, RunError, Summary, execute, is_rejection_logged,
 };

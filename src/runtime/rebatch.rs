@@ -27,6 +27,7 @@ use arrow::datatypes::{Int32Type, SchemaRef};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::execute::RunError;
 use crate::batch::{Batch, Mark, Rejected, SAMPLE_COLUMN};
 
 /// The end of an input batch among the pending rows, with the rejections
@@ -166,6 +167,55 @@ pub async fn rebatch(
     }
     if !pending.is_empty() {
         send_all(&output, pending.take_batches(size, true)).await;
+    }
+}
+
+/// Regroups the batches of a pull intake on the calling thread: the same
+/// cuts as [`rebatch`] without a maximum delay or flush requests, for a
+/// source that is read to its end (the one-shot run).
+pub struct Regrouper {
+    pull: Box<dyn FnMut() -> Result<Option<Batch>, RunError> + Send>,
+    size: usize,
+    pending: Pending,
+    ready: VecDeque<Batch>,
+    ended: bool,
+}
+
+impl Regrouper {
+    pub fn new(
+        pull: Box<dyn FnMut() -> Result<Option<Batch>, RunError> + Send>,
+        size: usize,
+        schema: SchemaRef,
+    ) -> Self {
+        let pending = Pending { schema, parts: Vec::new(), rows: 0, ends: VecDeque::new(), since: None };
+        Self { pull, size, pending, ready: VecDeque::new(), ended: false }
+    }
+
+    /// Returns the next regrouped batch, pulling as many input batches as
+    /// that takes; `None` once the input ended and everything was returned.
+    pub fn next(&mut self) -> Result<Option<Batch>, RunError> {
+        loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match (self.pull)()? {
+                Some(batch) => {
+                    self.pending.push(batch);
+                    if self.pending.rows >= self.size {
+                        self.ready.extend(self.pending.take_batches(self.size, false));
+                    }
+                }
+                None => {
+                    self.ended = true;
+                    if !self.pending.is_empty() {
+                        self.ready.extend(self.pending.take_batches(self.size, true));
+                    }
+                }
+            }
+        }
     }
 }
 
