@@ -76,8 +76,15 @@ def stochflow_rate(binary, pipeline):
     return int(match.group(1)) / float(match.group(2))
 
 
-def ort_rate(ort_loop, case, input_path):
-    out = run([ort_loop, case["model"], input_path, str(case["batch"]), "0"])
+def default_parallelism():
+    """The infer stage's default sessions and intra-op threads per session."""
+    cores = os.cpu_count() or 1
+    sessions = min(max(cores, 1), 4)
+    return sessions, max(cores // sessions, 1)
+
+
+def ort_rate(ort_loop, case, input_path, sessions, threads):
+    out = run([ort_loop, case["model"], input_path, str(case["batch"]), str(threads), str(sessions)])
     return json.loads(out.strip().splitlines()[-1])["records_per_s"]
 
 
@@ -124,24 +131,34 @@ def main():
         cases.append({"name": f"{kind}_b256_1session", "kind": kind, "batch": 256, "model": models[kind],
                       "infer_extra": ", threads: 0, sessions: 1"})
 
-    results = {case["name"]: {"stochflow": [], "ort": [], "python": []} for case in cases}
+    # Two bare loops: one with stochflow's own sessions and threads (the
+    # default parallelism, or one session with ONNX Runtime's default
+    # threads in the `1session` cases), and the plain loop a user would
+    # write: one session, ONNX Runtime's default threads.
+    sessions, threads = default_parallelism()
+    results = {case["name"]: {"stochflow": [], "ort_same": [], "ort": [], "python": []} for case in cases}
     for round_index in range(args.rounds):
         for case in cases:
             print(f"round {round_index + 1}/{args.rounds}: {case['name']}", file=sys.stderr)
             pipeline = pipeline_yaml(case, work, inputs[case["kind"]])
             results[case["name"]]["stochflow"].append(stochflow_rate(binary, pipeline))
-            results[case["name"]]["ort"].append(ort_rate(executables["ort_loop"], case, inputs[case["kind"]]))
+            same = (1, 0) if "infer_extra" in case else (sessions, threads)
+            results[case["name"]]["ort_same"].append(ort_rate(executables["ort_loop"], case, inputs[case["kind"]], *same))
+            results[case["name"]]["ort"].append(ort_rate(executables["ort_loop"], case, inputs[case["kind"]], 1, 0))
             if args.reference and "infer_extra" not in case:
                 results[case["name"]]["python"].append(python_rate(args.reference, case, inputs[case["kind"]], work))
 
-    print("\n| case | stochflow rec/s | bare ORT rec/s | Python rec/s | stochflow / ORT | stochflow / Python |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\nstochflow's default parallelism here: {sessions} sessions of {threads} intra-op threads")
+    print("\n| case | stochflow rec/s | bare ORT, same sessions | bare ORT, 1 session | Python rec/s "
+          "| stochflow / ORT same | stochflow / ORT 1 session | stochflow / Python |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         medians = {side: statistics.median(v) if v else None for side, v in results[case["name"]].items()}
-        ours, ort, python = medians["stochflow"], medians["ort"], medians["python"]
+        ours, same, ort, python = medians["stochflow"], medians["ort_same"], medians["ort"], medians["python"]
         python_text = f"{python:,.0f}" if python else "–"
         python_ratio = f"{ours / python:.2f}" if python else "–"
-        print(f"| {case['name']} | {ours:,.0f} | {ort:,.0f} | {python_text} | {ours / ort:.2f} | {python_ratio} |")
+        print(f"| {case['name']} | {ours:,.0f} | {same:,.0f} | {ort:,.0f} | {python_text} "
+              f"| {ours / same:.2f} | {ours / ort:.2f} | {python_ratio} |")
 
     noise = [json.loads(run([executables["noise"], "4000"]).strip().splitlines()[-1])["samples_per_s"] for _ in range(args.rounds)]
     numpy_probe = ("import numpy as np, time; g = np.random.default_rng(0); g.standard_normal(10**7, dtype=np.float32); "
