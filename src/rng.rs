@@ -18,7 +18,7 @@
 
 mod normal;
 
-pub use normal::fill_standard_normal;
+pub use normal::{fill_standard_normal, for_each_standard_normal};
 
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;

@@ -56,9 +56,21 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
 
 /// Fills `out` with standard normal draws from `rng`.
 pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
+    for_each_standard_normal(rng, out, |value, z| *value = z);
+}
+
+/// Draws one standard normal from `rng` for each element of `values`, in
+/// order, and applies `update` to the element and its draw. The draws are
+/// those of [`fill_standard_normal`]; updating in the same pass saves a
+/// buffer of draws.
+pub fn for_each_standard_normal<R: Rng + ?Sized>(
+    rng: &mut R,
+    values: &mut [f32],
+    mut update: impl FnMut(&mut f32, f32),
+) {
     let tables = &*TABLES;
     let mut bytes = [0u8; 4 * 64];
-    for chunk in out.chunks_mut(64) {
+    for chunk in values.chunks_mut(64) {
         let bytes = &mut bytes[..4 * chunk.len()];
         rng.fill_bytes(bytes);
         let words = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -72,7 +84,7 @@ pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
             };
             // The sign bit moves from bit 8 of the word to bit 31 of the
             // float: a branch on a random bit would mispredict half the time.
-            *value = f32::from_bits(x.to_bits() ^ ((word & 0x100) << 23));
+            update(value, f32::from_bits(x.to_bits() ^ ((word & 0x100) << 23)));
         }
     }
 }

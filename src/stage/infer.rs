@@ -295,6 +295,13 @@ impl Infer {
             }
             let column = data.column_by_name(&input.column).expect("the planned column exists");
             let values = tensor::f32_values(column).expect("the planned column is float32");
+            // A float is NaN or infinite when its exponent bits are all set.
+            // Testing the whole column first without early exit lets the
+            // compiler vectorize the common case, in which all are finite.
+            const EXPONENT: u32 = 0x7f80_0000;
+            if !values.iter().fold(false, |found, v| found | (v.to_bits() & EXPONENT == EXPONENT)) {
+                continue;
+            }
             let row_len = input.tensor.len().max(1);
             for (row, chunk) in values.chunks_exact(row_len).enumerate() {
                 if problems[row].is_none()

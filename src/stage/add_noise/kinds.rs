@@ -4,7 +4,7 @@
 use rand::RngExt;
 use rand_distr::{Distribution, Poisson};
 
-use crate::rng::{RecordRng, fill_standard_normal};
+use crate::rng::{RecordRng, for_each_standard_normal};
 
 use crate::config::{AddNoiseConfig, NoiseKind};
 
@@ -75,14 +75,14 @@ impl Noise {
     /// negative value, which has no count distribution.
     pub fn apply(&self, values: &mut [f32], rng: &mut RecordRng) -> Result<(), String> {
         match *self {
-            Noise::Gaussian { mean, std } => with_normals(rng, values, |value, z| *value += mean + std * z),
+            Noise::Gaussian { mean, std } => for_each_standard_normal(rng, values, |value, z| *value += mean + std * z),
             Noise::Uniform { low, high } => {
                 for value in values {
                     let u: f32 = rng.random();
                     *value += low + (high - low) * u;
                 }
             }
-            Noise::Multiplicative { std } => with_normals(rng, values, |value, z| *value *= 1.0 + std * z),
+            Noise::Multiplicative { std } => for_each_standard_normal(rng, values, |value, z| *value *= 1.0 + std * z),
             Noise::Dropout { rate } => {
                 let keep_scale = 1.0 / (1.0 - rate);
                 for value in values {
@@ -116,22 +116,9 @@ impl Noise {
                     };
                 }
             }
-            Noise::Speckle { std } => with_normals(rng, values, |value, z| *value += *value * std * z),
+            Noise::Speckle { std } => for_each_standard_normal(rng, values, |value, z| *value += *value * std * z),
         }
         Ok(())
-    }
-}
-
-/// Calls `update` on each value with a standard normal draw, drawn in
-/// chunks so the generator runs in bulk.
-fn with_normals(rng: &mut RecordRng, values: &mut [f32], update: impl Fn(&mut f32, f32)) {
-    let mut normals = [0f32; 256];
-    for chunk in values.chunks_mut(normals.len()) {
-        let normals = &mut normals[..chunk.len()];
-        fill_standard_normal(rng, normals);
-        for (value, &z) in chunk.iter_mut().zip(normals.iter()) {
-            update(value, z);
-        }
     }
 }
 

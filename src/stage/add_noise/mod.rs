@@ -128,9 +128,14 @@ impl Stage for AddNoise {
 
         let noisy = match self.tensor.element {
             ElementType::Float32 => {
-                let mut values = tensor::f32_values(column).map_err(error)?.to_vec();
-                for (row, chunk) in values.chunks_exact_mut(row_len.max(1)).enumerate() {
-                    if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(chunk, key, samples[row])) {
+                // Copied row by row, so each row is perturbed while it is in cache.
+                let source = tensor::f32_values(column).map_err(error)?;
+                let mut values = Vec::with_capacity(source.len());
+                for (row, chunk) in source.chunks_exact(row_len.max(1)).enumerate() {
+                    let start = values.len();
+                    values.extend_from_slice(chunk);
+                    let target = &mut values[start..];
+                    if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(target, key, samples[row])) {
                         problems[row] = Some(reason);
                     }
                 }
