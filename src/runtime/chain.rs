@@ -5,9 +5,9 @@
 //! keep one row per record (noise, augmentation), since their output does
 //! not depend on how rows are batched. The stages from one regrouping to the
 //! next form a segment. A segment runs on worker threads, as many as the
-//! largest `concurrency()` of its stages, each taking the next batch and
-//! running it through every stage of the segment, so a batch changes
-//! threads once per segment rather than once per stage. Results leave in
+//! largest `concurrency()` of its stages. Each worker takes the next batch
+//! through every stage of the segment, so a batch changes threads once per
+//! segment rather than once per stage. Results leave in
 //! input order, so the output order equals the input order whatever the
 //! parallelism. A model stage with fewer sessions than workers makes the
 //! extra workers wait for a free session. Segments and regroupings are
@@ -45,7 +45,7 @@ pub struct ChainOptions {
     pub observer: Option<Arc<dyn StageObserver>>,
 }
 
-/// Where the first segment of a chain takes its batches from.
+/// The source of the batches of a chain's first segment.
 pub enum Intake {
     /// A channel fed by another task.
     Channel(mpsc::Receiver<Batch>),
@@ -55,7 +55,7 @@ pub enum Intake {
     Pull(Box<dyn FnMut() -> Result<Option<Batch>, RunError> + Send>),
 }
 
-/// Where the last segment of a chain puts its batches, in input order.
+/// The destination of the batches of a chain's last segment, in input order.
 pub enum Outlet {
     /// A channel read by another task.
     Channel(mpsc::Sender<Batch>),
@@ -83,8 +83,8 @@ pub fn spawn_stages(
 ///
 /// A regrouping in front of the first segment runs as its own task when
 /// the intake is a channel, and inside the intake when the intake is a
-/// pull; the latter ignores `max_delay` and `flush_request`, which only a
-/// channel intake (the daemon's) needs.
+/// pull. A pull regrouping ignores `max_delay` and `flush_request`, which
+/// only a channel intake (the daemon's) needs.
 pub fn spawn_chain(
     tasks: &mut JoinSet<Result<(), RunError>>,
     stages: &[Arc<dyn Stage>],
@@ -133,9 +133,9 @@ pub fn spawn_chain(
     }
 }
 
-/// Where rows are regrouped, and into batches of how many rows: in front of
-/// each stage that wants a fixed batch size, moved up past the stages before
-/// it that keep rows, so that they join its segment.
+/// Returns the positions of the regroupings and their batch sizes: one in
+/// front of each stage that wants a fixed batch size, moved up past the
+/// stages before it that keep rows, so that they join its segment.
 fn regroupings(stages: &[Arc<dyn Stage>]) -> Vec<(usize, usize)> {
     let mut found = Vec::new();
     let mut floor = 0;
@@ -209,7 +209,7 @@ struct Segment {
 struct IntakeState {
     intake: Intake,
     next: u64,
-    /// Set once the intake returned its end, so it is not asked again.
+    /// Set once the intake returned its end, so it is not called again.
     ended: bool,
 }
 
@@ -472,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn pull_intake_regroups_and_push_outlet_keeps_order() {
+    fn pull_regroups_and_push_keeps_order() {
         let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 3, fail_at: None });
         let stages = [parallel, Probe::stage(Some(4), true)];
         let (sizes, ids, error) = pull_through(&stages, 11, None);
@@ -485,7 +485,7 @@ mod tests {
     }
 
     #[test]
-    fn pull_failure_stops_the_chain() {
+    fn pull_failure_stops_chain() {
         let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 2, fail_at: None });
         let (_, ids, error) = pull_through(&[parallel], 100, Some(6));
         assert_eq!(error.as_deref(), Some("a pipeline task failed unexpectedly: cannot read batch 6"));
@@ -496,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn regrouping_moves_up_past_stages_that_keep_rows() {
+    fn regrouping_moves_before_row_keepers() {
         let noise = || Probe::stage(None, true);
         let fan_out = || Probe::stage(None, false);
         let model = |size| Probe::stage(Some(size), true);
@@ -517,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_stops_the_segment_after_the_batches_before_it() {
+    fn stage_failure_stops_segment() {
         let failing: Arc<dyn Stage> =
             Arc::new(Probe { size: None, keeps_rows: true, concurrency: 3, fail_at: Some(9) });
         let (ids, error) = run(&[failing], 1000);

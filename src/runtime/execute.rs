@@ -2,8 +2,8 @@
 //!
 //! The workers of the first segment read the source themselves, one at a
 //! time, and the workers of the last segment write the sink, one at a time
-//! and in input order; with a single segment (the common case: noise, the
-//! model and sampling) a batch is read, processed and written on one
+//! and in input order. With a single segment (the common case: noise, the
+//! model and sampling), a batch is read, processed and written on one
 //! thread, without hand-offs. Segments are joined by bounded channels of
 //! `channel_capacity` batches (see the chain module), so a slow sink slows
 //! the source instead of filling memory, and the output order equals the
@@ -11,7 +11,7 @@
 //!
 //! Memory is bounded by the batches in flight: at most `concurrency()`
 //! batches inside each segment, `channel_capacity` batches between two
-//! segments, the rows a regrouping holds (less than one model batch) and
+//! segments, the rows waiting in a regrouping (less than one model batch) and
 //! the rows the sink buffers up to one record batch of the file.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
