@@ -16,14 +16,17 @@ pub struct Bernoulli {
 
 impl Draw for Bernoulli {
     /// Success probability of each element.
-    type Params = Vec<f64>;
+    type Param = f64;
     type Value = i32;
 
-    fn prepare(&self, inputs: &[&[f32]]) -> Result<Vec<f64>, String> {
-        inputs[0].iter().map(|&x| probability(x, self.from)).collect()
+    fn prepare(&self, inputs: &[&[f32]], params: &mut Vec<f64>) -> Result<(), String> {
+        for &x in inputs[0] {
+            params.push(probability(x, self.from)?);
+        }
+        Ok(())
     }
 
-    fn draw(&self, probabilities: &Vec<f64>, rng: &mut RecordRng, out: &mut Vec<i32>) {
+    fn draw(&self, probabilities: &[f64], rng: &mut RecordRng, out: &mut Vec<i32>) {
         for &p in probabilities {
             let u: f64 = rng.random();
             out.push(i32::from(u < p));

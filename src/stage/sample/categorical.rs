@@ -43,31 +43,37 @@ pub struct Categorical {
 impl Draw for Categorical {
     /// Unnormalized class weights, `classes` per step, steps in row-major
     /// order of the output shape.
-    type Params = Vec<f64>;
+    type Param = f64;
     type Value = i32;
 
-    fn prepare(&self, inputs: &[&[f32]]) -> Result<Vec<f64>, String> {
+    fn prepare(&self, inputs: &[&[f32]], params: &mut Vec<f64>) -> Result<(), String> {
         let scores = inputs[0];
         let steps = self.outer * self.inner;
-        let mut all = Vec::with_capacity(steps * self.classes);
-        let mut step_scores = vec![0f32; self.classes];
+        // With the class axis last, each step's scores are contiguous; other
+        // layouts gather them into a buffer first.
+        let mut gathered = if self.inner == 1 { Vec::new() } else { vec![0f32; self.classes] };
         for o in 0..self.outer {
             for i in 0..self.inner {
                 let base = o * self.classes * self.inner + i;
-                for (c, score) in step_scores.iter_mut().enumerate() {
-                    *score = scores[base + c * self.inner];
-                }
-                let mut step_weights = weights(&step_scores, self.from, self.temperature).map_err(|reason| {
+                let step_scores = if self.inner == 1 {
+                    &scores[base..base + self.classes]
+                } else {
+                    for (c, score) in gathered.iter_mut().enumerate() {
+                        *score = scores[base + c * self.inner];
+                    }
+                    &gathered[..]
+                };
+                let start = params.len();
+                weights_into(step_scores, self.from, self.temperature, params).map_err(|reason| {
                     if steps > 1 { format!("step {}: {reason}", o * self.inner + i) } else { reason }
                 })?;
-                truncate(&mut step_weights, &self.truncation);
-                all.extend_from_slice(&step_weights);
+                truncate(&mut params[start..], &self.truncation);
             }
         }
-        Ok(all)
+        Ok(())
     }
 
-    fn draw(&self, weights: &Vec<f64>, rng: &mut RecordRng, out: &mut Vec<i32>) {
+    fn draw(&self, weights: &[f64], rng: &mut RecordRng, out: &mut Vec<i32>) {
         for step in weights.chunks_exact(self.classes) {
             let u: f64 = rng.random();
             out.push(inverse_cdf(step, u) as i32);
@@ -78,9 +84,18 @@ impl Draw for Categorical {
 /// Turns one vector of scores into unnormalized class weights. Fails on
 /// scores that cannot define a distribution.
 pub fn weights(scores: &[f32], from: SampleFrom, temperature: f64) -> Result<Vec<f64>, String> {
+    let mut weights = Vec::with_capacity(scores.len());
+    weights_into(scores, from, temperature, &mut weights)?;
+    Ok(weights)
+}
+
+/// Appends the unnormalized class weights of one vector of scores to `out`,
+/// as [`weights`] returns them. On failure, `out` may hold part of them.
+fn weights_into(scores: &[f32], from: SampleFrom, temperature: f64, out: &mut Vec<f64>) -> Result<(), String> {
     if scores.iter().any(|s| s.is_nan()) {
         return Err(String::from("the scores contain NaN"));
     }
+    let start = out.len();
     match from {
         SampleFrom::Logits => {
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -88,14 +103,15 @@ pub fn weights(scores: &[f32], from: SampleFrom, temperature: f64) -> Result<Vec
                 return Err(String::from("every logit is -inf"));
             }
             if temperature == 0.0 {
-                return Ok(one_hot_argmax(scores.iter().map(|&s| f64::from(s))));
-            }
-            if max == f32::INFINITY {
+                out.extend(scores.iter().map(|&s| f64::from(s)));
+                one_hot_argmax(&mut out[start..]);
+            } else if max == f32::INFINITY {
                 // Infinite logits take all the mass, shared equally.
-                return Ok(scores.iter().map(|&s| if s == f32::INFINITY { 1.0 } else { 0.0 }).collect());
+                out.extend(scores.iter().map(|&s| if s == f32::INFINITY { 1.0 } else { 0.0 }));
+            } else {
+                let max = f64::from(max);
+                out.extend(scores.iter().map(|&s| ((f64::from(s) - max) / temperature).exp()));
             }
-            let max = f64::from(max);
-            Ok(scores.iter().map(|&s| ((f64::from(s) - max) / temperature).exp()).collect())
         }
         SampleFrom::Probabilities => {
             if scores.iter().any(|&p| p < 0.0 || p.is_infinite()) {
@@ -104,26 +120,36 @@ pub fn weights(scores: &[f32], from: SampleFrom, temperature: f64) -> Result<Vec
             if scores.iter().all(|&p| p == 0.0) {
                 return Err(String::from("every probability is zero"));
             }
+            out.extend(scores.iter().map(|&p| f64::from(p)));
+            let values = &mut out[start..];
             if temperature == 0.0 {
-                return Ok(one_hot_argmax(scores.iter().map(|&p| f64::from(p))));
+                one_hot_argmax(values);
+            } else {
+                // p^(1/T) computed in log space so that small T does not underflow.
+                for value in values.iter_mut() {
+                    *value = value.ln() / temperature;
+                }
+                let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                for value in values.iter_mut() {
+                    *value = (*value - max).exp();
+                }
             }
-            // p^(1/T) computed in log space so that small T does not underflow.
-            let logs: Vec<f64> = scores.iter().map(|&p| f64::from(p).ln() / temperature).collect();
-            let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            Ok(logs.iter().map(|&l| (l - max).exp()).collect())
         }
     }
+    Ok(())
 }
 
-fn one_hot_argmax(values: impl Iterator<Item = f64>) -> Vec<f64> {
-    let values: Vec<f64> = values.collect();
+/// Replaces `values` by 1 at the first largest value and 0 elsewhere.
+fn one_hot_argmax(values: &mut [f64]) {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
         if v > values[best] {
             best = i;
         }
     }
-    (0..values.len()).map(|i| if i == best { 1.0 } else { 0.0 }).collect()
+    for (i, value) in values.iter_mut().enumerate() {
+        *value = if i == best { 1.0 } else { 0.0 };
+    }
 }
 
 /// Sets the weight of every class that truncation drops to zero. The kept
@@ -322,7 +348,7 @@ mod tests {
             inner: 3,
         };
         let scores = [0.0, 5.0, 1.0, 2.0, 1.0, 0.5];
-        let weights = sampler.prepare(&[&scores]).unwrap();
+        let weights = sampler.prepared(&[&scores]).unwrap();
         assert_eq!(weights, [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]);
     }
 
@@ -336,7 +362,7 @@ mod tests {
             outer: 2,
             inner: 1,
         };
-        let error = sampler.prepare(&[&[0.0, 1.0, f32::NAN, 0.0]]).unwrap_err();
+        let error = sampler.prepared(&[&[0.0, 1.0, f32::NAN, 0.0]]).unwrap_err();
         assert_eq!(error, "step 1: the scores contain NaN");
     }
 }

@@ -22,30 +22,27 @@ pub struct Gaussian {
 
 impl Draw for Gaussian {
     /// Mean and standard deviation of each element.
-    type Params = Vec<(f64, f64)>;
+    type Param = (f64, f64);
     type Value = f32;
 
-    fn prepare(&self, inputs: &[&[f32]]) -> Result<Vec<(f64, f64)>, String> {
+    fn prepare(&self, inputs: &[&[f32]], params: &mut Vec<(f64, f64)>) -> Result<(), String> {
         let (means, spreads) = (inputs[0], inputs[1]);
-        means
-            .iter()
-            .zip(spreads)
-            .map(|(&mean, &spread)| {
-                if !mean.is_finite() {
-                    return Err(format!("mean {mean} is not finite"));
-                }
-                let std = match self.spread {
-                    Spread::LogVariance if spread.is_finite() => (f64::from(spread) / 2.0).exp(),
-                    Spread::LogVariance => return Err(format!("log-variance {spread} is not finite")),
-                    Spread::Std if spread >= 0.0 && spread.is_finite() => f64::from(spread),
-                    Spread::Std => return Err(format!("standard deviation {spread} is not finite and >= 0")),
-                };
-                Ok((f64::from(mean), std))
-            })
-            .collect()
+        for (&mean, &spread) in means.iter().zip(spreads) {
+            if !mean.is_finite() {
+                return Err(format!("mean {mean} is not finite"));
+            }
+            let std = match self.spread {
+                Spread::LogVariance if spread.is_finite() => (f64::from(spread) / 2.0).exp(),
+                Spread::LogVariance => return Err(format!("log-variance {spread} is not finite")),
+                Spread::Std if spread >= 0.0 && spread.is_finite() => f64::from(spread),
+                Spread::Std => return Err(format!("standard deviation {spread} is not finite and >= 0")),
+            };
+            params.push((f64::from(mean), std));
+        }
+        Ok(())
     }
 
-    fn draw(&self, params: &Vec<(f64, f64)>, rng: &mut RecordRng, out: &mut Vec<f32>) {
+    fn draw(&self, params: &[(f64, f64)], rng: &mut RecordRng, out: &mut Vec<f32>) {
         for &(mean, std) in params {
             let z: f64 = StandardNormal.sample(rng);
             out.push((mean + std * z) as f32);
@@ -60,7 +57,7 @@ mod tests {
     #[test]
     fn log_variance_becomes_std() {
         let gaussian = Gaussian { spread: Spread::LogVariance };
-        let params = gaussian.prepare(&[&[1.0, -2.0], &[0.0, 4.0f32.ln()]]).unwrap();
+        let params = gaussian.prepared(&[&[1.0, -2.0], &[0.0, 4.0f32.ln()]]).unwrap();
         assert_eq!(params[0], (1.0, 1.0));
         assert!((params[1].1 - 2.0).abs() < 1e-6, "{:?}", params[1]);
     }
@@ -68,7 +65,7 @@ mod tests {
     #[test]
     fn negative_std_is_an_error() {
         let gaussian = Gaussian { spread: Spread::Std };
-        assert!(gaussian.prepare(&[&[0.0], &[-1.0]]).is_err());
-        assert!(gaussian.prepare(&[&[f32::NAN], &[1.0]]).is_err());
+        assert!(gaussian.prepared(&[&[0.0], &[-1.0]]).is_err());
+        assert!(gaussian.prepared(&[&[f32::NAN], &[1.0]]).is_err());
     }
 }

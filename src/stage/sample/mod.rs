@@ -44,17 +44,27 @@ pub const SAMPLES_METADATA: &str = "stochflow.samples";
 /// One distribution: how a record's parameters are read, and how one
 /// sample is drawn from them.
 trait Draw: Send + Sync {
-    /// The record's distribution, ready to draw from.
-    type Params;
+    /// One parameter of a record's distribution, ready to draw from.
+    type Param;
     /// Element type of the output column.
     type Value: OutputValue;
 
-    /// Reads one record's parameters, one slice per input column, or returns
-    /// why they define no distribution.
-    fn prepare(&self, inputs: &[&[f32]]) -> Result<Self::Params, String>;
+    /// Appends one record's parameters to `params`, reading one slice per
+    /// input column, or returns why they define no distribution. The
+    /// parameters of a batch share one buffer, so preparing a record does not
+    /// allocate.
+    fn prepare(&self, inputs: &[&[f32]], params: &mut Vec<Self::Param>) -> Result<(), String>;
 
     /// Appends one sample, the output's elements in row-major order.
-    fn draw(&self, params: &Self::Params, rng: &mut RecordRng, out: &mut Vec<Self::Value>);
+    fn draw(&self, params: &[Self::Param], rng: &mut RecordRng, out: &mut Vec<Self::Value>);
+
+    /// Returns one record's parameters in a buffer of their own.
+    #[cfg(test)]
+    fn prepared(&self, inputs: &[&[f32]]) -> Result<Vec<Self::Param>, String> {
+        let mut params = Vec::new();
+        self.prepare(inputs, &mut params)?;
+        Ok(params)
+    }
 }
 
 /// An element type the stage can write.
@@ -239,8 +249,12 @@ impl Sample {
     /// draws the samples of the others.
     fn run<D: Draw>(&self, sampler: &D, batch: Batch) -> Result<Batch, StageError> {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
-        let mut params = Vec::with_capacity(batch.data.num_rows());
-        let mut problems = Vec::with_capacity(batch.data.num_rows());
+        let rows = batch.data.num_rows();
+        // The parameters of every kept record, one after the other, and
+        // where each record's parameters start.
+        let mut params = Vec::with_capacity(rows * self.inputs[0].1);
+        let mut starts = Vec::with_capacity(rows + 1);
+        let mut problems = Vec::with_capacity(rows);
         {
             let mut columns = Vec::with_capacity(self.inputs.len());
             for (column, _) in &self.inputs {
@@ -249,19 +263,23 @@ impl Sample {
                         .map_err(error)?,
                 );
             }
-            for row in 0..batch.data.num_rows() {
-                let slices: Vec<&[f32]> =
-                    columns.iter().zip(&self.inputs).map(|(values, (_, len))| &values[row * len..][..*len]).collect();
-                match sampler.prepare(&slices) {
-                    Ok(prepared) => {
-                        params.push(prepared);
+            let mut slices: Vec<&[f32]> = Vec::with_capacity(columns.len());
+            for row in 0..rows {
+                slices.clear();
+                slices.extend(columns.iter().zip(&self.inputs).map(|(values, (_, len))| &values[row * len..][..*len]));
+                let start = params.len();
+                match sampler.prepare(&slices, &mut params) {
+                    Ok(()) => {
+                        starts.push(start);
                         problems.push(None);
                     }
                     Err(reason) => {
+                        params.truncate(start);
                         problems.push(Some(format!("cannot sample from column {:?}: {reason}", self.inputs[0].0)))
                     }
                 }
             }
+            starts.push(params.len());
         }
         let mut batch = reject_rows(batch, problems, &self.name, &self.key_column);
         let data = &batch.data;
@@ -273,7 +291,8 @@ impl Sample {
         let mut values = Vec::with_capacity(draws * self.output_shape.iter().product::<usize>());
         let mut sample_column = Vec::with_capacity(draws);
         let mut take = Vec::with_capacity(draws);
-        for (row, prepared) in params.iter().enumerate() {
+        for (row, bounds) in starts.windows(2).enumerate() {
+            let prepared = &params[bounds[0]..bounds[1]];
             for s in 0..self.samples {
                 let sample = if fan_out { s } else { existing_samples[row] };
                 let mut rng = keys.with_bytes(row, |key| self.rng.stream(key, sample));

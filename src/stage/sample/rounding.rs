@@ -16,19 +16,20 @@ pub struct StochasticRounding {
 
 impl Draw for StochasticRounding {
     /// Each value in units of `step`.
-    type Params = Vec<f64>;
+    type Param = f64;
     type Value = f32;
 
-    fn prepare(&self, inputs: &[&[f32]]) -> Result<Vec<f64>, String> {
-        inputs[0]
-            .iter()
-            .map(
-                |&x| if x.is_finite() { Ok(f64::from(x) / self.step) } else { Err(format!("value {x} is not finite")) },
-            )
-            .collect()
+    fn prepare(&self, inputs: &[&[f32]], params: &mut Vec<f64>) -> Result<(), String> {
+        for &x in inputs[0] {
+            if !x.is_finite() {
+                return Err(format!("value {x} is not finite"));
+            }
+            params.push(f64::from(x) / self.step);
+        }
+        Ok(())
     }
 
-    fn draw(&self, scaled: &Vec<f64>, rng: &mut RecordRng, out: &mut Vec<f32>) {
+    fn draw(&self, scaled: &[f64], rng: &mut RecordRng, out: &mut Vec<f32>) {
         for &q in scaled {
             let u: f64 = rng.random();
             out.push(round(q, u, self.step));
