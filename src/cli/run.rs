@@ -42,6 +42,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
             if next_stop_signal().await.is_some() {
                 // Exiting skips the sink's cleanup, so its partial file is removed here.
                 let _ = std::fs::remove_file(&partial);
+                eprintln!("second stop signal received: aborted, no output written");
                 super::exit_now(code);
             }
         });
@@ -66,7 +67,16 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));
     }
     if summary.rejected > 0 {
-        eprintln!("{} skipped; the log above names each one and why (exit code 2)", count(summary.rejected, "record"));
+        let named = if summary.rejected <= runtime::REJECTION_LOG_LIMIT {
+            String::from("names each one and why")
+        } else {
+            format!(
+                "names the first {} and one in every {} after that, with the reason",
+                runtime::REJECTION_LOG_LIMIT,
+                runtime::REJECTION_LOG_EVERY
+            )
+        };
+        eprintln!("{} skipped; the log above {named} (exit code 2)", count(summary.rejected, "record"));
         return Ok(ExitCode::from(super::EXIT_SKIPPED));
     }
     Ok(ExitCode::SUCCESS)

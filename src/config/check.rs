@@ -11,7 +11,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     let mut push = |path: String, message: String| problems.push(ConfigProblem::new(path, message));
 
     if config.source.batch_size() == 0 {
-        push("source.batch_size".into(), "must be at least 1".into());
+        push("source.batch_size".into(), "must be at least 1, found 0".into());
     }
     if let SourceConfig::ArrowFile(source) = &config.source {
         for (column, tensor) in &source.tensors {
@@ -25,10 +25,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     }
 
     if config.runtime.workers == 0 {
-        push("runtime.workers".into(), "must be at least 1".into());
+        push("runtime.workers".into(), "must be at least 1, found 0".into());
     }
     if config.runtime.channel_capacity == 0 {
-        push("runtime.channel_capacity".into(), "must be at least 1".into());
+        push("runtime.channel_capacity".into(), "must be at least 1, found 0".into());
     }
 
     let mut names = HashSet::new();
@@ -112,10 +112,10 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
             }
             StageConfig::Infer(c) => {
                 if c.batch_size == 0 {
-                    push(at("batch_size"), "must be at least 1".into());
+                    push(at("batch_size"), "must be at least 1, found 0".into());
                 }
                 if c.sessions == Some(0) {
-                    push(at("sessions"), "must be at least 1".into());
+                    push(at("sessions"), "must be at least 1, found 0".into());
                 }
                 if c.inputs.is_empty() {
                     push(at("inputs"), "map at least one model input to a column".into());
@@ -139,7 +139,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
             }
             StageConfig::Repeat(c) => {
                 if c.samples == 0 {
-                    push(at("samples"), "must be at least 1".into());
+                    push(at("samples"), "must be at least 1, found 0".into());
                 }
             }
             StageConfig::Sample(c) => {
@@ -154,7 +154,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
 
     let SinkConfig::ArrowFile(sink) = &config.sink;
     if sink.rows_per_batch == 0 {
-        push("sink.rows_per_batch".into(), "must be at least 1".into());
+        push("sink.rows_per_batch".into(), "must be at least 1, found 0".into());
     }
     problems.extend(super::latent::check(config));
     problems.extend(super::image_sink::check(config));

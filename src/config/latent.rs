@@ -207,7 +207,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     let mut push = |path: &str, message: String| problems.push(ConfigProblem::new(format!("source.{path}"), message));
 
     if source.records == 0 {
-        push("records", String::from("must be at least 1"));
+        push("records", String::from("must be at least 1, found 0"));
     }
     if source.shape.is_empty() || source.shape.contains(&0) {
         push("shape", format!("must be a non-empty list of positive sizes, found {:?}", source.shape));

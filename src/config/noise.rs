@@ -173,8 +173,10 @@ impl AddNoiseConfig {
         }
         if let Some([low, high]) = self.clip {
             if low.is_nan() || high.is_nan() {
-                problems
-                    .push(ConfigProblem::new(at("clip"), "bounds must be numbers; use .inf or -.inf for an open side"));
+                problems.push(ConfigProblem::new(
+                    at("clip"),
+                    format!("bounds must not be NaN, found [{low}, {high}]; use .inf or -.inf for an open side"),
+                ));
             } else if low > high {
                 problems.push(ConfigProblem::new(at("clip"), format!("lower bound {low} is above upper bound {high}")));
             }

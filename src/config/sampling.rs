@@ -224,10 +224,10 @@ pub fn check_sample(c: &SampleConfig, at: &dyn Fn(&str) -> String) -> Vec<Config
         push("temperature", format!("must be zero or positive, found {}", c.temperature));
     }
     if c.samples == 0 {
-        push("samples", "must be at least 1".into());
+        push("samples", "must be at least 1, found 0".into());
     }
     if c.top_k == Some(0) {
-        push("top_k", "must be at least 1; leave `top_k` out to keep every class".into());
+        push("top_k", "must be at least 1, found 0; leave `top_k` out to keep every class".into());
     }
     if let Some(p) = c.top_p
         && !(p > 0.0 && p <= 1.0)

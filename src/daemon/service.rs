@@ -584,7 +584,7 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
         ("daemon.drain_timeout_ms", daemon.drain_timeout_ms),
     ] {
         if value == 0 {
-            problems.push(ConfigProblem::new(key, "must be at least 1"));
+            problems.push(ConfigProblem::new(key, "must be at least 1, found 0"));
         }
     }
     problems

@@ -99,9 +99,8 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     let sink_counters = counters.clone();
     let sink_span = tracing::info_span!("sink");
     let outlet = Outlet::Push(Box::new(move |batch| {
-        let _span = sink_span.enter();
         let mut output = sink_output.lock().expect("the sink is not used after a panic");
-        output.write(&batch, &sink_counters, &key_column)
+        output.write(&batch, &sink_counters, &key_column, &sink_span)
     }));
 
     let options = ChainOptions { channel_capacity, max_delay: None, flush_request: None, observer: None };
@@ -146,7 +145,15 @@ struct Output {
 }
 
 impl Output {
-    fn write(&mut self, batch: &Batch, counters: &Counters, key_column: &str) -> Result<(), RunError> {
+    /// Logs the batch's rejections, outside the sink's span since the
+    /// record's stage rejected them, and writes its rows.
+    fn write(
+        &mut self,
+        batch: &Batch,
+        counters: &Counters,
+        key_column: &str,
+        span: &tracing::Span,
+    ) -> Result<(), RunError> {
         for rejected in &batch.rejected {
             self.logged += 1;
             if is_rejection_logged(self.logged) {
@@ -159,7 +166,7 @@ impl Output {
                 counters.rejected.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.sink.write(&batch.data)?;
+        span.in_scope(|| self.sink.write(&batch.data))?;
         counters.rows.fetch_add(batch.data.num_rows() as u64, Ordering::Relaxed);
         counters.written.fetch_add(self.records.runs.count(&batch.data, key_column), Ordering::Relaxed);
         Ok(())

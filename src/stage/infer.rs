@@ -385,10 +385,12 @@ fn check_column_input(
         return Err(context.problem(
             key,
             format!(
-                "column {column:?} holds {} but model input {:?} takes {}",
+                "column {column:?} holds {} but model input {:?} takes {}; write the data as {}, or use a model whose input takes {}",
                 tensor.element.name(),
                 input.name,
-                expected.name()
+                expected.name(),
+                expected.name(),
+                tensor.element.name()
             ),
         ));
     }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::batch::{Batch, Keys, Rejected};
 use crate::config::{ConfigProblem, StageConfig};
@@ -98,9 +98,16 @@ impl PlanContext<'_> {
             )
         })?;
         TensorType::of_field(field).ok_or_else(|| {
+            let hint = match field.data_type() {
+                DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => format!(
+                    "; if it holds one tensor per record, give its shape under the source's `tensors` key, \
+                     for example `tensors: {{{name}: {{shape: [64]}}}}`"
+                ),
+                _ => String::new(),
+            };
             self.problem(
                 key,
-                format!("column {name:?} has type {}, not a float32, uint8 or uint16 tensor", field.data_type()),
+                format!("column {name:?} has type {}, not a float32, uint8 or uint16 tensor{hint}", field.data_type()),
             )
         })
     }

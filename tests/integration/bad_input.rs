@@ -79,6 +79,7 @@ fn wrong_length_and_null_rows_are_skipped() {
     );
     let (outcome, output) = run_yaml(dir.path(), "ragged", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("the log above names each one and why"), "{}", outcome.stderr);
     assert!(outcome.stdout.contains("skipped 2 records"), "{}", outcome.stdout);
     assert!(outcome.stderr.contains("record=102"), "{}", outcome.stderr);
     assert!(outcome.stderr.contains("is null"), "{}", outcome.stderr);
@@ -86,6 +87,34 @@ fn wrong_length_and_null_rows_are_skipped() {
     assert!(outcome.stderr.contains("has 63 values, expected 64"), "{}", outcome.stderr);
     let (_, batches) = read_arrow(&output);
     assert_eq!(int64(&batches, "id"), [100, 101, 103, 105]);
+}
+
+#[test]
+fn many_skipped_records_summary_says_sampled() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("nan.npy");
+    let mut values = vec![0.5_f32; 30 * 64];
+    for record in 0..25 {
+        values[record * 64] = f32::NAN;
+    }
+    write_npy_f32(&input, &[30, 64], &values);
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}, column: pixels}}\nstages:\n  - {{name: classify, kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
+        yaml_path(&input),
+        mlp()
+    );
+    let (outcome, _) = run_yaml(dir.path(), "many_nan", &yaml);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .contains("25 records skipped; the log above names the first 20 and one in every 1000 after that"),
+        "{}",
+        outcome.stderr
+    );
+    let named = outcome.stderr.lines().filter(|line| line.contains("record skipped")).count();
+    assert_eq!(named, 20, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("sink: record skipped"), "skipped records are not logged in the sink's span");
 }
 
 #[test]
@@ -189,6 +218,52 @@ fn unknown_model_input_lists_real_ones() {
             "the model has no input \"pixel\"; its inputs are pixels",
             "model input \"pixels\" (float32 [N, 64]) is not fed",
         ],
+    );
+}
+
+#[test]
+fn list_column_without_shape_gets_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("lists.arrow");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("pixels", DataType::List(Arc::new(Field::new("item", DataType::Float32, true))), true),
+    ]));
+    let mut lists = ListBuilder::new(Float32Builder::new());
+    lists.values().append_slice(&[0.25; 64]);
+    lists.append(true);
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1])), Arc::new(lists.finish())])
+            .unwrap();
+    let mut writer = FileWriter::try_new(File::create(&input).unwrap(), &schema).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: arrow_file, path: {}, id_column: id}}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        yaml_path(&input),
+        mlp()
+    );
+    assert_fails(
+        dir.path(),
+        "list",
+        &yaml,
+        &["not a float32, uint8 or uint16 tensor", "tensors: {pixels: {shape: [64]}}"],
+    );
+}
+
+#[test]
+fn zero_sizes_and_nan_bounds_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: add_noise, column: pixels, std: 0.1, clip: [.nan, 1]}}\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}, batch_size: 0}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source(),
+        mlp()
+    );
+    assert_fails(
+        dir.path(),
+        "zero_nan",
+        &yaml,
+        &["stages[1].batch_size: must be at least 1, found 0", "bounds must not be NaN, found [NaN, 1]"],
     );
 }
 
