@@ -17,7 +17,7 @@ mod watch;
 
 use std::path::PathBuf;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 
 use crate::batch::Batch;
 use crate::config::SourceConfig;
@@ -96,4 +96,15 @@ pub fn open(config: &SourceConfig, seed: u64) -> Result<Box<dyn Source>, SourceE
             });
         }
     })
+}
+
+/// Returns whether two schemas have the same columns, in the same order,
+/// with the same types and metadata, differing at most in nullability.
+pub(crate) fn same_but_nullability(expected: &Schema, found: &Schema) -> bool {
+    expected.fields().len() == found.fields().len()
+        && expected
+            .fields()
+            .iter()
+            .zip(found.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type() && a.metadata() == b.metadata())
 }

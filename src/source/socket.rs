@@ -45,7 +45,8 @@
 //! - settings (`id_column`, `columns`, `tensors`) that do not fit the
 //!   stream's columns;
 //! - converted columns that differ from the source's, which the first
-//!   connection sets;
+//!   connection sets, other than in nullability alone; with that difference,
+//!   a null where the source's columns have none;
 //! - for the first connection, columns that the pipeline's stages cannot be
 //!   planned against (such as a tensor of another shape than the model's
 //!   input); the next connection may then set the columns;
@@ -94,8 +95,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::SourceError;
 use super::convert::{ColumnSettings, Converter, GeneratedKey};
+use super::{SourceError, same_but_nullability};
 use crate::batch::{Batch, Mark};
 use crate::config::SocketSourceConfig;
 use crate::sink::checkpoint::Checkpoint;
@@ -584,7 +585,7 @@ impl Connection {
         )
         .and_then(|converter| converter.with_origin(name.clone()))
         .map_err(|err| crate::runtime::error_chain(&err))?;
-        self.shared.check_schema(&converter)?;
+        let retype = self.shared.check_schema(&converter)?;
 
         let mut accepted = open.accepted;
         if offset > accepted {
@@ -611,6 +612,14 @@ impl Connection {
             }
             let data = batch.slice(skip as usize, (rows - skip) as usize);
             let mut batch = converter.convert(data).map_err(|err| crate::runtime::error_chain(&err))?;
+            if let Some(expected) = &retype {
+                batch.data = RecordBatch::try_new(expected.clone(), batch.data.columns().to_vec()).map_err(|err| {
+                    format!(
+                        "records from position {} on do not fit the first connection's columns: {err}; every connection must send the same columns as the first",
+                        start + skip
+                    )
+                })?;
+            }
             batch.marks.push(Mark { unit: name.clone(), records: position, complete: false });
             if self.shared.batches.send(batch).await.is_err() {
                 return Err(String::from("the daemon is shutting down; resend after it restarts"));
@@ -801,8 +810,11 @@ impl Shared {
     }
 
     /// Takes the first connection's converted schema as the source's, or
-    /// checks that a later connection's matches it.
-    fn check_schema(&self, converter: &Converter) -> Result<(), String> {
+    /// checks that a later connection's matches it. A schema that differs
+    /// from the source's in nullability alone is accepted, and the source's
+    /// schema is returned for its batches; a null where that schema has none
+    /// then ends the connection with an error.
+    fn check_schema(&self, converter: &Converter) -> Result<Option<SchemaRef>, String> {
         let schema = converter.schema();
         if self.schema.borrow().is_none() {
             let check = self.schema_check.lock().expect("the schema check lock is never poisoned").clone();
@@ -813,13 +825,17 @@ impl Shared {
             }
         }
         let mut mismatch = None;
+        let mut retype = None;
         self.schema.send_if_modified(|expected| match expected {
             None => {
                 *expected = Some((schema.clone(), converter.key_column().to_string()));
                 true
             }
             Some((expected, key_column)) => {
-                if expected.fields() != schema.fields() || key_column != converter.key_column() {
+                let differs = expected.fields() != schema.fields();
+                if differs && key_column == converter.key_column() && same_but_nullability(expected, &schema) {
+                    retype = Some(expected.clone());
+                } else if differs || key_column != converter.key_column() {
                     let (columns, expected_columns) = (describe(&schema), describe(expected));
                     let metadata_note = if columns == expected_columns { " in their field metadata" } else { "" };
                     mismatch = Some(format!(
@@ -830,7 +846,7 @@ impl Shared {
                 false
             }
         });
-        mismatch.map_or(Ok(()), Err)
+        mismatch.map_or(Ok(retype), Err)
     }
 }
 

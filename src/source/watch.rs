@@ -26,7 +26,7 @@ use arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use tokio::sync::{mpsc, watch};
 
-use super::{ORDINAL_COLUMN, SchemaCheck, Source, SourceError};
+use super::{ORDINAL_COLUMN, SchemaCheck, Source, SourceError, same_but_nullability};
 use crate::batch::{Batch, Mark, ORIGIN_COLUMN, Rejected};
 use crate::config::{SourceConfig, WatchSourceConfig};
 use crate::sink::checkpoint::Checkpoint;
@@ -458,17 +458,6 @@ impl FileReader {
 
 fn error_text(err: &SourceError) -> String {
     crate::runtime::error_chain(err)
-}
-
-/// Returns whether two schemas have the same columns, in the same order,
-/// with the same types and metadata, differing at most in nullability.
-fn same_but_nullability(expected: &Schema, found: &Schema) -> bool {
-    expected.fields().len() == found.fields().len()
-        && expected
-            .fields()
-            .iter()
-            .zip(found.fields())
-            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type() && a.metadata() == b.metadata())
 }
 
 /// Describes how `found` differs from `expected`: missing and extra

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
 use serde_json::Value;
 
@@ -549,7 +549,22 @@ fn bad_socket_input_keeps_serving() {
     resend.end_stream();
     assert_acks_rise_to(&resend.acks_until_closed("cut"), 40);
 
-    let ids: Vec<i64> = good.into_iter().chain(digit_ids(100..140)).collect();
+    // Ids declared nullable where the first connection's are not: the
+    // columns differ in nullability alone, so the stream is read.
+    let records = digits_as_lists(140..150, None);
+    let mut fields: Vec<Field> = records.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[0] = fields[0].clone().with_nullable(true);
+    let metadata = std::collections::HashMap::from([(String::from("stochflow.stream"), String::from("nullable-ids"))]);
+    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+    let mut nullable = setup.connect();
+    nullable.start_stream(&schema);
+    assert_eq!(nullable.ack("nullable-ids"), 0, "the first reply of a new stream says nothing is committed");
+    nullable
+        .send(&RecordBatch::try_new(schema.clone(), records.columns().to_vec()).expect("the columns are unchanged"));
+    nullable.end_stream();
+    assert_acks_rise_to(&nullable.acks_until_closed("nullable-ids"), 10);
+
+    let ids: Vec<i64> = good.into_iter().chain(digit_ids(100..150)).collect();
     assert_each_id_once(&setup.output, &ids);
     assert_eq!(Committed::read(&setup.output).dead_count(), 1, "no other record is dead-lettered");
     daemon.wait_metric(r#"stochflow_dead_letters_total{stage="source"}"#, 1.0);
