@@ -113,6 +113,10 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
     })
 }
 
+/// The stages planned against the first input that fits, and the pipeline
+/// file they were planned from.
+type FirstPlan = (Arc<LoadedConfig>, PlannedStages);
+
 /// Runs generation after generation until a stop.
 async fn supervise(
     shared: Arc<Shared>,
@@ -128,15 +132,14 @@ async fn supervise(
     // input that does not is rejected, and the daemon goes on waiting.
     // The check plans against the configuration current at that moment, and
     // a reload while waiting replaces it.
-    let first_plan: Arc<Mutex<Option<(serde_json::Value, PlannedStages)>>> = Arc::default();
+    let first_plan: Arc<Mutex<Option<FirstPlan>>> = Arc::default();
     let current = Arc::new(Mutex::new(Arc::new(loaded.clone())));
     let (stash, config) = (first_plan.clone(), current.clone());
     input.set_schema_check(Arc::new(move |schema, key_column| {
         let loaded = config.lock().expect("the configuration lock is never poisoned").clone();
         let planned =
             runtime::plan_stages(&loaded, schema.clone(), key_column.to_string()).map_err(|err| error_chain(&err))?;
-        let planned_config = serde_json::to_value(&loaded.config).expect("a pipeline config always serializes");
-        *stash.lock().expect("the plan lock is never poisoned") = Some((planned_config, planned));
+        *stash.lock().expect("the plan lock is never poisoned") = Some((loaded, planned));
         Ok(())
     }));
     let (returned, found) = wait_for_schema(&shared, &mut loaded, &current, input, &checkpoint, &mut control).await?;
@@ -146,13 +149,26 @@ async fn supervise(
         return Ok(ExitCode::SUCCESS);
     };
     let stashed = first_plan.lock().expect("the plan lock is never poisoned").take();
-    let current_config = serde_json::to_value(&loaded.config).expect("a pipeline config always serializes");
+    let as_value =
+        |loaded: &LoadedConfig| serde_json::to_value(&loaded.config).expect("a pipeline config always serializes");
     let mut planned = match stashed {
-        Some((planned_config, planned)) if planned_config == current_config => planned,
-        // NOTE: only a reload between the check and the end of the wait gets
-        // here. A reloaded file that does not fit the first input then stops
-        // the daemon.
-        _ => runtime::plan_stages(&loaded, schema.clone(), key_column.clone())?,
+        Some((planned_loaded, planned)) if as_value(&planned_loaded) == as_value(&loaded) => planned,
+        // Only a reload between the check and the end of the wait gets here.
+        // A reloaded file that does not fit the first input is set aside for
+        // the one the input was checked against.
+        stashed => match (runtime::plan_stages(&loaded, schema.clone(), key_column.clone()), stashed) {
+            (Ok(planned), _) => planned,
+            (Err(err), Some((planned_loaded, planned))) => {
+                tracing::error!(
+                    pipeline = %shared.pipeline_file.display(),
+                    error = %error_chain(&err),
+                    "the reloaded pipeline file does not fit the first input; running the previous one, which does"
+                );
+                loaded = (*planned_loaded).clone();
+                planned
+            }
+            (Err(err), None) => return Err(err.into()),
+        },
     };
     loop {
         let (returned, durable, next) =
@@ -447,7 +463,7 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
             Ok(None) => return,
             Ok(Some(committed)) => {
                 // Rows and dead letters are counted before the files, so a
-                // scrape that sees a file counted also sees what it holds.
+                // scrape that counts a file also counts the rows in it.
                 for stage in &committed.dead_letters {
                     shared.metrics.dead_lettered(stage, 1);
                 }
