@@ -359,7 +359,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn regrouping_again_keeps_source_batch_ends() {
+    async fn second_regrouping_keeps_ends() {
         let inputs = || vec![marked(0..5, "a"), marked(5..10, "a"), marked(10..13, "a")];
         let once = regroup(inputs(), 4, Flushing::default()).await;
         let ends: Vec<bool> = once.iter().map(|b| b.ends_source_batch).collect();

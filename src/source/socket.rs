@@ -812,7 +812,7 @@ impl Shared {
     /// Takes the first connection's converted schema as the source's, or
     /// checks that a later connection's matches it. A schema that differs
     /// from the source's in nullability alone is accepted, and the source's
-    /// schema is returned for its batches; a null where that schema has none
+    /// schema is returned for its batches. A null where that schema has none
     /// then ends the connection with an error.
     fn check_schema(&self, converter: &Converter) -> Result<Option<SchemaRef>, String> {
         let schema = converter.schema();

@@ -58,9 +58,9 @@ pub trait Stage: Send + Sync {
     /// Calls that may run at once.
     fn concurrency(&self) -> usize;
 
-    /// Whether each input row gives exactly one output row (or a rejection),
-    /// whatever the other rows of the batch. Rows may then be regrouped
-    /// before this stage instead of after it.
+    /// Returns whether each input row gives exactly one output row (or a
+    /// rejection), whatever the other rows of the batch. Rows may then be
+    /// regrouped before this stage instead of after it.
     fn keeps_rows(&self) -> bool {
         false
     }

@@ -90,7 +90,7 @@ fn wrong_length_and_null_rows_are_skipped() {
 }
 
 #[test]
-fn many_skipped_records_summary_says_sampled() {
+fn many_skips_summary_says_sampled() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("nan.npy");
     let mut values = vec![0.5_f32; 30 * 64];
@@ -222,7 +222,7 @@ fn unknown_model_input_lists_real_ones() {
 }
 
 #[test]
-fn list_column_without_shape_gets_hint() {
+fn list_column_gets_shape_hint() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("lists.arrow");
     let schema = Arc::new(Schema::new(vec![
@@ -252,7 +252,7 @@ fn list_column_without_shape_gets_hint() {
 }
 
 #[test]
-fn zero_sizes_and_nan_bounds_are_named() {
+fn zero_size_and_nan_bound_named() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "seed: 1\nsource: {}\nstages:\n  - {{kind: add_noise, column: pixels, std: 0.1, clip: [.nan, 1]}}\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}, batch_size: 0}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
