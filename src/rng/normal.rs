@@ -61,7 +61,7 @@ pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
 
 /// Draws one standard normal from `rng` for each element of `values`, in
 /// order, and applies `update` to the element and its draw. The draws are
-/// those of [`fill_standard_normal`]; updating in the same pass saves a
+/// those of [`fill_standard_normal`], and updating in the same pass saves a
 /// buffer of draws.
 pub fn for_each_standard_normal<R: Rng + ?Sized>(
     rng: &mut R,

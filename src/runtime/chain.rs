@@ -142,7 +142,8 @@ fn regroupings(stages: &[Arc<dyn Stage>]) -> Vec<(usize, usize)> {
     for (index, stage) in stages.iter().enumerate() {
         let Some(size) = stage.batch_size() else { continue };
         let mut at = index;
-        while at > floor && stages[at - 1].keeps_rows() && stages[at - 1].batch_size().is_none() {
+        // The stages from `floor` on have no batch size of their own.
+        while at > floor && stages[at - 1].keeps_rows() {
             at -= 1;
         }
         found.push((at, size));
@@ -221,32 +222,20 @@ struct Order {
 
 impl Segment {
     fn work(&self, handle: &tokio::runtime::Handle) -> Result<(), RunError> {
+        let result = self.work_until_done(handle);
+        if result.is_err() {
+            self.halt();
+        }
+        result
+    }
+
+    /// Takes, runs and files batches until the intake ends, the outlet
+    /// closes, the segment halts or a batch fails.
+    fn work_until_done(&self, handle: &tokio::runtime::Handle) -> Result<(), RunError> {
         loop {
             let Some(permit) = handle.block_on(self.unless_halted(self.window.acquire())) else { return Ok(()) };
             permit.expect("the window is never closed").forget();
-            let (sequence, batch) = {
-                let mut state = self.intake.lock().expect("no worker panics while holding the intake");
-                let state = &mut *state;
-                let received = match &mut state.intake {
-                    _ if state.ended || self.stopped.load(Ordering::SeqCst) => None,
-                    Intake::Channel(input) => handle.block_on(self.unless_halted(input.recv())).flatten().map(Ok),
-                    Intake::Pull(pull) => pull().transpose(),
-                };
-                match received {
-                    Some(Ok(batch)) => {
-                        state.next += 1;
-                        (state.next - 1, batch)
-                    }
-                    Some(Err(err)) => {
-                        self.halt();
-                        return Err(err);
-                    }
-                    None => {
-                        state.ended = true;
-                        return Ok(());
-                    }
-                }
-            };
+            let Some((sequence, batch)) = self.take(handle)? else { return Ok(()) };
             let result = self.run(batch);
 
             let mut order = self.order.lock().expect("no worker panics while holding the order book");
@@ -255,32 +244,41 @@ impl Segment {
                 let due = order.next;
                 let Some(result) = order.done.remove(&due) else { break };
                 order.next += 1;
-                let batch = match result {
-                    Ok(batch) => batch,
-                    Err(err) => {
-                        self.halt();
-                        return Err(err.into());
-                    }
-                };
-                let put = match &mut order.outlet {
-                    Outlet::Channel(output) => match handle.block_on(self.unless_halted(output.send(batch))) {
-                        Some(Ok(())) => Ok(true),
-                        _ => Ok(false),
-                    },
-                    Outlet::Push(push) => push(batch).map(|()| true),
-                };
-                match put {
-                    Ok(true) => self.window.add_permits(1),
-                    Ok(false) => {
-                        self.halt();
-                        return Ok(());
-                    }
-                    Err(err) => {
-                        self.halt();
-                        return Err(err);
-                    }
+                if !self.put(&mut order.outlet, result?, handle)? {
+                    self.halt();
+                    return Ok(());
                 }
+                self.window.add_permits(1);
             }
+        }
+    }
+
+    /// Takes the next batch and its sequence number from the intake; `None`
+    /// once the intake ended or the segment halted.
+    fn take(&self, handle: &tokio::runtime::Handle) -> Result<Option<(u64, Batch)>, RunError> {
+        let mut state = self.intake.lock().expect("no worker panics while holding the intake");
+        let state = &mut *state;
+        let received = match &mut state.intake {
+            _ if state.ended || self.stopped.load(Ordering::SeqCst) => None,
+            Intake::Channel(input) => handle.block_on(self.unless_halted(input.recv())).flatten(),
+            Intake::Pull(pull) => pull()?,
+        };
+        let Some(batch) = received else {
+            state.ended = true;
+            return Ok(None);
+        };
+        state.next += 1;
+        Ok(Some((state.next - 1, batch)))
+    }
+
+    /// Puts a batch to the outlet; `false` once a channel outlet is closed
+    /// or the segment halted.
+    fn put(&self, outlet: &mut Outlet, batch: Batch, handle: &tokio::runtime::Handle) -> Result<bool, RunError> {
+        match outlet {
+            Outlet::Channel(output) => {
+                Ok(matches!(handle.block_on(self.unless_halted(output.send(batch))), Some(Ok(()))))
+            }
+            Outlet::Push(push) => push(batch).map(|()| true),
         }
     }
 

@@ -387,9 +387,17 @@ fn socket_acks_follow_commits() {
     let mut client = setup.connect();
     client.start_stream(&stream_schema("acks", None));
     assert_eq!(client.ack("acks"), 0, "the first reply of a new stream says nothing is committed");
-    send_digits(&mut client, 0..DIGITS);
+    // The second half waits for the first to be acknowledged, so the stream
+    // is committed at least twice however fast the daemon reads it.
+    let half = DIGITS / 2;
+    send_digits(&mut client, 0..half);
+    let mut acks = vec![client.ack("acks")];
+    while *acks.last().expect("one ack was read") < half as u64 {
+        acks.push(client.ack("acks"));
+    }
+    send_digits(&mut client, half..DIGITS);
     client.end_stream();
-    let acks = client.acks_until_closed("acks");
+    acks.extend(client.acks_until_closed("acks"));
     assert_acks_rise_to(&acks, DIGITS as u64);
     // Acks report the latest durable count, so commits in quick succession
     // may share one ack; the commits themselves are counted in files.
