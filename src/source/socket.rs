@@ -261,8 +261,10 @@ impl SocketSource {
                 }
                 match self.runtime.block_on(tokio::time::timeout(POLL_INTERVAL, output.reserve())) {
                     Ok(Ok(permit)) => {
-                        permit.send(batch);
+                        // Counted before the send, so that a reader of the
+                        // count never sees fewer records in than out.
                         on_records(records);
+                        permit.send(batch);
                         break;
                     }
                     Ok(Err(_closed)) => {
