@@ -37,16 +37,27 @@ impl Health {
         Health { not_ready: Mutex::new(Some("starting".to_owned())) }
     }
 
-    /// Sets readiness and logs each change. `reason` is ignored when `ready` is true.
+    /// Sets readiness and logs each change, a change to not ready as a
+    /// warning. `reason` is ignored when `ready` is true.
     pub fn set_ready(&self, ready: bool, reason: &str) {
-        let next = if ready { None } else { Some(reason.to_owned()) };
+        self.change(if ready { None } else { Some(reason.to_owned()) }, tracing::Level::WARN);
+    }
+
+    /// Sets the daemon not ready for a routine step, such as a drain, and
+    /// logs the change at the info level.
+    pub fn set_busy(&self, reason: &str) {
+        self.change(Some(reason.to_owned()), tracing::Level::INFO);
+    }
+
+    fn change(&self, next: Option<String>, level: tracing::Level) {
         let mut not_ready = self.not_ready.lock().unwrap_or_else(PoisonError::into_inner);
         if *not_ready == next {
             return;
         }
         match &next {
             None => tracing::info!("daemon ready"),
-            Some(reason) => tracing::warn!(reason = %reason, "daemon not ready"),
+            Some(reason) if level == tracing::Level::WARN => tracing::warn!(reason = %reason, "daemon not ready"),
+            Some(reason) => tracing::info!(reason = %reason, "daemon not ready"),
         }
         *not_ready = next;
     }

@@ -100,6 +100,9 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
             Some(address) => {
                 let address: SocketAddr = address.parse().expect("the address is checked when the file is loaded");
                 let listener = http::bind(address).await?;
+                if !address.ip().is_loopback() {
+                    tracing::warn!(address = %address, "the health and metrics server listens outside loopback, without authentication");
+                }
                 let (metrics, health) = (shared.metrics.clone(), shared.health.clone());
                 Some(tokio::spawn(http::serve(listener, metrics, health, std::future::pending())))
             }
@@ -344,7 +347,8 @@ async fn run_generation(
         return Err(err);
     }
     shared.draining.store(true, Ordering::Relaxed);
-    shared.health.set_ready(false, "draining");
+    let reloading = matches!(next, Some(Next::Reload(..)));
+    shared.health.set_busy(if reloading { "reloading: draining the running pipeline" } else { "draining" });
     let deadline = Duration::from_millis(config.daemon.drain_timeout_ms);
     let drained = tokio::time::timeout(deadline, async {
         let (input, source_result) = source_task.await?;
@@ -546,6 +550,11 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
             ),
         ));
     }
+    if let crate::config::SourceConfig::Socket(socket) = &config.source
+        && let Err(message) = crate::source::parse_listen(&socket.listen)
+    {
+        problems.push(ConfigProblem::new("source.listen", message));
+    }
     if let crate::config::SourceConfig::Watch(watch) = &config.source {
         if watch.poll_ms < 10 {
             problems.push(ConfigProblem::new(
@@ -610,9 +619,10 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
 /// directory cannot change while the daemon runs.
 fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<LoadedConfig> {
     let new = load(&shared.pipeline_file, shared.seed)?;
-    let as_json = |value: &crate::config::SourceConfig| serde_json::to_value(value).ok();
-    if as_json(&new.config.source) != as_json(&current.config.source) {
-        anyhow::bail!("the new file changes `source`, which needs a restart of the daemon");
+    let as_json = |value: &crate::config::SourceConfig| serde_json::to_value(value).unwrap_or_default();
+    let changes = changed_keys("source", &as_json(&current.config.source), &as_json(&new.config.source));
+    if !changes.is_empty() {
+        anyhow::bail!("the new file changes {}, which needs a restart of the daemon", changes.join(", "));
     }
     let (SinkConfig::ArrowFile(new_sink), SinkConfig::ArrowFile(old_sink)) = (&new.config.sink, &current.config.sink);
     if new_sink.path != old_sink.path {
@@ -622,6 +632,26 @@ fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<Lo
         anyhow::bail!("the new file changes `daemon.http`, which needs a restart of the daemon");
     }
     Ok(new)
+}
+
+/// Lists the settings that differ between two JSON values, as `` `path` from
+/// OLD to NEW``, descending into objects.
+fn changed_keys(path: &str, old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    match (old, new) {
+        _ if old == new => Vec::new(),
+        (Value::Object(old_map), Value::Object(new_map)) => {
+            let keys: std::collections::BTreeSet<&String> = old_map.keys().chain(new_map.keys()).collect();
+            keys.into_iter()
+                .flat_map(|key| {
+                    let null = Value::Null;
+                    let (before, after) = (old_map.get(key).unwrap_or(&null), new_map.get(key).unwrap_or(&null));
+                    changed_keys(&format!("{path}.{key}"), before, after)
+                })
+                .collect()
+        }
+        _ => vec![format!("`{path}` from {old} to {new}")],
+    }
 }
 
 /// Loads and plans the pipeline file again, against the running input's schema.

@@ -44,27 +44,45 @@ impl ArrowFileSource {
     }
 }
 
+/// The end-of-stream marker of the Arrow IPC stream format: a continuation
+/// marker followed by a zero message length.
+const END_OF_STREAM: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+
 /// Opens an Arrow IPC file in either format: the file format (random
-/// access, starts with `ARROW1`) or the stream format.
+/// access, starts with `ARROW1`) or the stream format. A stream must end with
+/// its end-of-stream marker: without it, the file may be cut short, and its
+/// missing records would go unnoticed.
 fn open_reader(path: &std::path::Path) -> Result<Box<dyn RecordBatchReader + Send>, SourceError> {
+    use std::io::{Read, Seek, SeekFrom};
+
     let io_error = |source| SourceError::Io { path: path.to_path_buf(), source };
-    let format_error = |err: arrow::error::ArrowError| SourceError::Format {
-        path: path.to_path_buf(),
-        format: "Arrow IPC",
-        message: err.to_string(),
-    };
+    let format_error = |message: String| SourceError::Format { path: path.to_path_buf(), format: "Arrow IPC", message };
+    let mut file = File::open(path).map_err(io_error)?;
+    let length = file.metadata().map_err(io_error)?.len();
     let mut magic = [0u8; 6];
-    let is_file_format = {
-        use std::io::Read;
-        let mut file = File::open(path).map_err(io_error)?;
-        file.read(&mut magic).map_err(io_error)? == 6 && &magic == b"ARROW1"
-    };
-    let file = File::open(path).map_err(io_error)?;
+    let is_file_format = file.read(&mut magic).map_err(io_error)? == 6 && &magic == b"ARROW1";
     if is_file_format {
-        Ok(Box::new(FileReader::try_new_buffered(file, None).map_err(format_error)?))
-    } else {
-        Ok(Box::new(StreamReader::try_new_buffered(file, None).map_err(format_error)?))
+        file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+        let reader = FileReader::try_new_buffered(file, None).map_err(|err| {
+            format_error(format!(
+                "{err}. A file that starts like an Arrow file but has no valid footer is usually cut short or still being written: write it under another name and rename it when it is complete"
+            ))
+        })?;
+        return Ok(Box::new(reader));
     }
+    let mut end = [0u8; 8];
+    let has_end_marker = length >= 8
+        && file.seek(SeekFrom::End(-8)).is_ok()
+        && file.read_exact(&mut end).is_ok()
+        && end == END_OF_STREAM;
+    if !has_end_marker {
+        return Err(format_error(String::from(
+            "it is neither an Arrow IPC file (which starts with ARROW1) nor an Arrow IPC stream that ends with the end-of-stream marker; a stream without that marker may be cut short, so close the stream writer before the file is read",
+        )));
+    }
+    file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+    let reader = StreamReader::try_new_buffered(file, None).map_err(|err| format_error(err.to_string()))?;
+    Ok(Box::new(reader))
 }
 
 impl Source for ArrowFileSource {

@@ -27,6 +27,7 @@ pub use images::ImagesSource;
 pub use latent::LatentSource;
 pub use npy::NpySource;
 pub use socket::SocketSource;
+pub(crate) use socket::parse_listen;
 pub use watch::{WATCH_KEY_COLUMN, WatchSource};
 
 /// Name of the key column of sources keyed by ordinal.
@@ -107,4 +108,70 @@ pub(crate) fn same_but_nullability(expected: &Schema, found: &Schema) -> bool {
             .iter()
             .zip(found.fields())
             .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type() && a.metadata() == b.metadata())
+}
+
+/// Describes how `found` differs from `expected`: missing and extra columns,
+/// and columns of another type, tensor shape, nullability or metadata.
+pub(crate) fn column_difference(expected: &Schema, found: &Schema) -> String {
+    let type_text = |field: &arrow::datatypes::Field| match crate::tensor::TensorType::of_field(field) {
+        Some(tensor) => format!("a tensor of {}", tensor.describe()),
+        None => field.data_type().to_string(),
+    };
+    let mut parts = Vec::new();
+    for field in expected.fields() {
+        match found.field_with_name(field.name()) {
+            Err(_) => parts.push(format!("missing {}", field.name())),
+            Ok(other) if other.data_type() != field.data_type() => {
+                parts.push(format!("{} is {}, expected {}", field.name(), type_text(other), type_text(field)))
+            }
+            Ok(other) if other.metadata() != field.metadata() => {
+                parts.push(format!("{} has other field metadata", field.name()))
+            }
+            Ok(other) if other.is_nullable() != field.is_nullable() => parts.push(format!(
+                "{} is {}nullable, expected {}nullable",
+                field.name(),
+                if other.is_nullable() { "" } else { "not " },
+                if field.is_nullable() { "" } else { "not " }
+            )),
+            Ok(_) => {}
+        }
+    }
+    for field in found.fields() {
+        if expected.field_with_name(field.name()).is_err() {
+            parts.push(format!("extra {}", field.name()));
+        }
+    }
+    if parts.is_empty() {
+        parts.push(String::from("the same columns in another order"));
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::datatypes::{DataType, Field};
+
+    use super::*;
+
+    fn pixels(size: i32, nullable: bool) -> Field {
+        Field::new("pixels", DataType::new_fixed_size_list(DataType::Float32, size, false), nullable)
+    }
+
+    #[test]
+    fn difference_names_shapes_and_nullability() {
+        let id = Field::new("id", DataType::Int64, false);
+        let expected = Schema::new(vec![id.clone(), pixels(64, false)]);
+
+        let reshaped = Schema::new(vec![id.clone(), pixels(32, false)]);
+        assert_eq!(
+            column_difference(&expected, &reshaped),
+            "pixels is a tensor of float32[32], expected a tensor of float32[64]"
+        );
+
+        let nullable = Schema::new(vec![id.clone(), pixels(64, true)]);
+        assert_eq!(column_difference(&expected, &nullable), "pixels is nullable, expected not nullable");
+
+        let renamed = Schema::new(vec![id, Field::new("label", DataType::Utf8, true)]);
+        assert_eq!(column_difference(&expected, &renamed), "missing pixels; extra label");
+    }
 }

@@ -261,8 +261,8 @@ impl SocketSource {
                 }
                 match self.runtime.block_on(tokio::time::timeout(POLL_INTERVAL, output.reserve())) {
                     Ok(Ok(permit)) => {
-                        // Counted before the send, so that a reader of the
-                        // count never sees fewer records in than out.
+                        // Counted before the send, so that the count of records
+                        // in is never below the count of records out.
                         on_records(records);
                         permit.send(batch);
                         break;
@@ -296,40 +296,54 @@ enum Listener {
     Unix(UnixListener),
 }
 
+/// The address the socket source listens on.
+pub(crate) enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Parses `source.listen`: `unix:PATH`, or an IP address and port that must
+/// be a loopback address, because the source has no authentication.
+pub(crate) fn parse_listen(listen: &str) -> Result<ListenAddress, String> {
+    if let Some(path) = listen.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(String::from("`unix:` must be followed by the socket's path, as in unix:/run/stochflow.sock"));
+        }
+        return Ok(ListenAddress::Unix(PathBuf::from(path)));
+    }
+    let address: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("invalid address {listen:?}; use 127.0.0.1:PORT, [::1]:PORT or unix:PATH"))?;
+    if !address.ip().is_loopback() {
+        return Err(format!(
+            "{listen} is not a loopback address, and the socket source has no authentication, so anyone who can reach it could add records; listen on 127.0.0.1:PORT, [::1]:PORT or unix:PATH"
+        ));
+    }
+    Ok(ListenAddress::Tcp(address))
+}
+
 /// Binds the listener for `listen`. Returns it with the address it is bound
 /// to and, for a Unix socket, the socket file.
 fn bind(listen: &str) -> Result<(Listener, String, Option<PathBuf>), SourceError> {
     let config_error = |message: String| SourceError::Config { path: String::from("source.listen"), message };
-    if let Some(path) = listen.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err(config_error(String::from(
-                "`unix:` must be followed by the socket's path, as in unix:/run/stochflow.sock",
-            )));
+    let address = match parse_listen(listen).map_err(config_error)? {
+        ListenAddress::Unix(path) => {
+            prepare_socket_path(&path).map_err(config_error)?;
+            let listener = std::os::unix::net::UnixListener::bind(&path)
+                .and_then(|listener| {
+                    listener.set_nonblocking(true)?;
+                    UnixListener::from_std(listener)
+                })
+                .map_err(|err| {
+                    config_error(format!(
+                        "cannot listen on Unix socket {}: {err}; check that its folder is writable and that the path is shorter than 108 bytes",
+                        path.display()
+                    ))
+                })?;
+            return Ok((Listener::Unix(listener), format!("unix:{}", path.display()), Some(path)));
         }
-        let path = PathBuf::from(path);
-        prepare_socket_path(&path).map_err(config_error)?;
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .and_then(|listener| {
-                listener.set_nonblocking(true)?;
-                UnixListener::from_std(listener)
-            })
-            .map_err(|err| {
-                config_error(format!(
-                    "cannot listen on Unix socket {}: {err}; check that its folder is writable and that the path is shorter than 108 bytes",
-                    path.display()
-                ))
-            })?;
-        return Ok((Listener::Unix(listener), format!("unix:{}", path.display()), Some(path)));
-    }
-
-    let address: SocketAddr = listen.parse().map_err(|_| {
-        config_error(format!("invalid address {listen:?}; use 127.0.0.1:PORT, [::1]:PORT or unix:PATH"))
-    })?;
-    if !address.ip().is_loopback() {
-        return Err(config_error(format!(
-            "{listen} is not a loopback address, and the socket source has no authentication, so anyone who can reach it could add records; listen on 127.0.0.1:PORT, [::1]:PORT or unix:PATH"
-        )));
-    }
+        ListenAddress::Tcp(address) => address,
+    };
     let listener = std::net::TcpListener::bind(address)
         .and_then(|listener| {
             listener.set_nonblocking(true)?;
@@ -599,8 +613,12 @@ impl Connection {
 
         let mut totals = Totals { accepted, forwarded: 0, skipped: 0 };
         let mut position = offset;
-        while let Some(message) = next_message(input).await? {
-            let Decoded::Batch(batch) = decoder.decode(message)? else { continue };
+        // An error after the schema gives the client the position to resend from.
+        let resend = |message: String, accepted: u64| {
+            format!("{message}; stream {name:?} has {accepted} records accepted, so resend from position {accepted}")
+        };
+        while let Some(message) = next_message(input).await.map_err(|err| resend(err, accepted))? {
+            let Decoded::Batch(batch) = decoder.decode(message).map_err(|err| resend(err, accepted))? else { continue };
             let rows = batch.num_rows() as u64;
             let start = position;
             position += rows;
@@ -613,12 +631,16 @@ impl Connection {
                 continue;
             }
             let data = batch.slice(skip as usize, (rows - skip) as usize);
-            let mut batch = converter.convert(data).map_err(|err| crate::runtime::error_chain(&err))?;
+            let mut batch =
+                converter.convert(data).map_err(|err| resend(crate::runtime::error_chain(&err), accepted))?;
             if let Some(expected) = &retype {
                 batch.data = RecordBatch::try_new(expected.clone(), batch.data.columns().to_vec()).map_err(|err| {
-                    format!(
-                        "records from position {} on do not fit the first connection's columns: {err}; every connection must send the same columns as the first",
-                        start + skip
+                    resend(
+                        format!(
+                            "records from position {} on do not fit the first connection's columns: {err}; every connection must send the same columns as the first",
+                            start + skip
+                        ),
+                        accepted,
                     )
                 })?;
             }
@@ -668,9 +690,7 @@ struct RawMessage {
 /// of the input or at the end-of-stream marker.
 async fn next_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<RawMessage>, String> {
     let truncated = |read: u64, expected: u64| {
-        format!(
-            "the stream ended inside an IPC message, after {read} of its {expected} bytes; the records before it are accepted"
-        )
+        format!("the stream ended inside an IPC message, after {read} of its {expected} bytes")
     };
     let read_error = |err: std::io::Error| format!("cannot read from the connection: {err}");
 
@@ -837,12 +857,15 @@ impl Shared {
                 let differs = expected.fields() != schema.fields();
                 if differs && key_column == converter.key_column() && same_but_nullability(expected, &schema) {
                     retype = Some(expected.clone());
-                } else if differs || key_column != converter.key_column() {
-                    let (columns, expected_columns) = (describe(&schema), describe(expected));
-                    let metadata_note = if columns == expected_columns { " in their field metadata" } else { "" };
+                } else if differs {
                     mismatch = Some(format!(
-                        "the stream's columns ({columns}; key {}) differ{metadata_note} from the source's columns ({expected_columns}; key {key_column}); every connection must send the same columns as the first",
-                        converter.key_column(),
+                        "the stream's columns differ from those of the first connection ({}); every connection must send the same columns as the first",
+                        super::column_difference(expected, &schema)
+                    ));
+                } else if key_column != converter.key_column() {
+                    mismatch = Some(format!(
+                        "the stream's key column is {}, but the first connection's is {key_column}; every connection must send the same columns as the first",
+                        converter.key_column()
                     ));
                 }
                 false
@@ -850,19 +873,6 @@ impl Shared {
         });
         mismatch.map_or(Ok(retype), Err)
     }
-}
-
-/// Lists a schema's columns as `name: type`, marking non-nullable ones.
-fn describe(schema: &Schema) -> String {
-    let columns: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let nullability = if field.is_nullable() { "" } else { " not null" };
-            format!("{}: {}{nullability}", field.name(), field.data_type())
-        })
-        .collect();
-    columns.join(", ")
 }
 
 /// A stream that a connection is sending; no other connection may send it
@@ -1263,8 +1273,8 @@ mod tests {
         let mut other = Client::send(&address, &bytes);
         assert_eq!(other.reply(), ack("b", 0));
         let error = other.error();
-        assert!(error.contains("label: Utf8"), "{error}");
-        assert!(error.contains("x: List(Float32)"), "{error}");
+        assert!(error.contains("missing x"), "{error}");
+        assert!(error.contains("extra label"), "{error}");
         assert_eq!(other.reply(), None);
         assert!(running.try_next().await.is_none(), "records of a mismatched stream are not forwarded");
         running.stop().await;
@@ -1344,6 +1354,7 @@ mod tests {
         assert_eq!(client.reply(), ack("cut", 0));
         let error = client.error();
         assert!(error.contains("ended inside an IPC message"), "{error}");
+        assert!(error.contains("resend from position 3"), "{error}");
         assert_eq!(client.reply(), None);
         let batch = running.next().await;
         assert_eq!(keys(&batch), ["cut:0", "cut:1", "cut:2"]);

@@ -45,6 +45,8 @@ pub struct WatchSource {
     started: HashSet<String>,
     /// Complete names that were not read in this process, logged once.
     skipped: HashSet<String>,
+    /// Names that do not match the pattern, logged once.
+    ignored: HashSet<String>,
     /// Whether the directory has been scanned once.
     scanned: bool,
     /// Names read in this process, whose completion needs no log line.
@@ -106,6 +108,7 @@ impl WatchSource {
             candidates: HashMap::new(),
             started: HashSet::new(),
             skipped: HashSet::new(),
+            ignored: HashSet::new(),
             scanned: false,
             started_before: HashSet::new(),
             durable,
@@ -214,12 +217,20 @@ impl WatchSource {
             if name.starts_with('.') || name.ends_with(".partial") || name.ends_with(".tmp") {
                 continue;
             }
-            if !self.pattern.matches(&name) || self.started.contains(&name) {
+            if !self.pattern.matches(&name) {
+                if self.ignored.insert(name.clone()) {
+                    tracing::info!(file = %name, pattern = %self.pattern, "not reading this file: its name does not match `read.path`");
+                }
+                continue;
+            }
+            if self.started.contains(&name) {
                 continue;
             }
             if durable.progress(&name).complete {
-                // Files already there at start were read by an earlier run.
-                if self.scanned && !self.started_before.contains(&name) && self.skipped.insert(name.clone()) {
+                // Files already there at start were read by an earlier run,
+                // so only a complete name that shows up later is logged.
+                let new_name = self.skipped.insert(name.clone());
+                if new_name && self.scanned && !self.started_before.contains(&name) {
                     tracing::info!(file = %name, "not reading this file: its name is complete in the checkpoint; give a new file a new name");
                 }
                 continue;
@@ -245,6 +256,7 @@ impl WatchSource {
         self.started.retain(|name| present.contains(name));
         self.started_before.retain(|name| present.contains(name));
         self.skipped.retain(|name| present.contains(name));
+        self.ignored.retain(|name| present.contains(name));
         self.scanned = true;
         settled.sort();
         for name in &settled {
@@ -317,7 +329,11 @@ impl WatchSource {
             Err(err) => {
                 tracing::warn!(file = %name, error = %crate::runtime::error_chain(&err), "cannot open input file");
                 on_records(1);
-                return output.blocking_send(reject_rest(resume, error_text(&err))).is_ok();
+                let reason = format!(
+                    "{}; this file name is not read again, so copy the file in under a new name once it is fixed",
+                    error_text(&err)
+                );
+                return output.blocking_send(reject_rest(resume, reason)).is_ok();
             }
         };
         // A file whose columns differ from the first file's in nullability
@@ -332,7 +348,7 @@ impl WatchSource {
         {
             let reason = format!(
                 "the file's columns differ from those of the first file read ({}); every file in the directory must have the same columns",
-                difference(expected, &reader.schema)
+                super::column_difference(expected, &reader.schema)
             );
             tracing::warn!(file = %name, "{reason}");
             on_records(1);
@@ -458,31 +474,4 @@ impl FileReader {
 
 fn error_text(err: &SourceError) -> String {
     crate::runtime::error_chain(err)
-}
-
-/// Describes how `found` differs from `expected`: missing and extra
-/// columns, and columns of another type or nullability.
-fn difference(expected: &Schema, found: &Schema) -> String {
-    let mut parts = Vec::new();
-    for field in expected.fields() {
-        match found.field_with_name(field.name()) {
-            Err(_) => parts.push(format!("missing {}", field.name())),
-            Ok(other) if other.data_type() != field.data_type() => {
-                parts.push(format!("{} is {}, expected {}", field.name(), other.data_type(), field.data_type()))
-            }
-            Ok(other) if other.metadata() != field.metadata() => {
-                parts.push(format!("{} has other field metadata", field.name()))
-            }
-            Ok(_) => {}
-        }
-    }
-    for field in found.fields() {
-        if expected.field_with_name(field.name()).is_err() {
-            parts.push(format!("extra {}", field.name()));
-        }
-    }
-    if parts.is_empty() {
-        parts.push(String::from("the same columns in another order"));
-    }
-    parts.join("; ")
 }

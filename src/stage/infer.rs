@@ -308,7 +308,7 @@ impl Infer {
                     && let Some(position) = chunk.iter().position(|v| !v.is_finite())
                 {
                     problems[row] = Some(format!(
-                        "column {:?} holds {} at index {position}; the model input {:?} needs finite values",
+                        "column {:?} holds {} at value {position} of the record's tensor (counting from 0); the model input {:?} needs finite values",
                         input.column, chunk[position], input.input
                     ));
                 }

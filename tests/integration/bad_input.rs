@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float32Builder, Int64Array, ListBuilder, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::ipc::writer::FileWriter;
+use arrow::ipc::writer::{FileWriter, StreamWriter};
 
 use crate::common::*;
 
@@ -132,8 +132,8 @@ fn non_finite_model_input_is_skipped() {
     );
     let (outcome, output) = run_yaml(dir.path(), "nan", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("holds NaN at index 10"), "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("holds inf at index 0"), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("holds NaN at value 10 of the record's tensor"), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("holds inf at value 0 of the record's tensor"), "{}", outcome.stderr);
     let (_, batches) = read_arrow(&output);
     assert_eq!(int64(&batches, "ordinal"), [0, 2]);
 }
@@ -424,4 +424,33 @@ fn arrow_stream_format_is_read() {
     let output = run_ok(dir.path(), "stream", &yaml);
     let (_, written) = read_arrow(&output);
     assert_eq!(rows(&written), 450);
+}
+
+#[test]
+fn stream_without_end_marker_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from_iter_values(0..5))]).unwrap();
+    let mut writer = StreamWriter::try_new(Vec::new(), &schema).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    let complete = writer.into_inner().unwrap();
+
+    let input = dir.path().join("stream.arrow");
+    std::fs::write(&input, &complete).unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: arrow_file, path: {}, id_column: id}}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        yaml_path(&input)
+    );
+    let output = run_ok(dir.path(), "complete_stream", &yaml);
+    assert_eq!(rows(&read_arrow(&output).1), 5, "a closed stream is read whole");
+    std::fs::remove_file(&output).unwrap();
+
+    std::fs::write(&input, &complete[..complete.len() - 8]).unwrap();
+    assert_fails(
+        dir.path(),
+        "cut_stream",
+        &yaml,
+        &["stream.arrow is not a valid Arrow IPC file", "end-of-stream marker"],
+    );
 }

@@ -230,18 +230,19 @@ daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
     let mut daemon = Daemon::start(&pipeline, Some(port), &dirs.log);
     daemon.wait_healthy();
 
-    // A good file, a file without its footer and a file with one short row,
-    // dropped together.
+    // A good file, a file without its footer, a stream cut before its end
+    // marker and a file with one short row, dropped together.
     let footerless = dirs.root.path().join("footerless.arrow");
     write_arrow(&footerless, &digits_as_lists(20..40, None));
     let mut bytes = std::fs::read(&footerless).expect("the written file can be read");
     bytes.truncate(bytes.len() - 16);
     drop_arrow(&dirs.input, "a_good.arrow", &digits_as_lists(0..20, None));
     drop_bytes(&dirs.input, "b_footerless.arrow", &bytes);
+    drop_bytes(&dirs.input, "b_cut_stream.arrow", &cut_stream(&digits_as_lists(20..40, None)));
     let short_rows = digits_as_lists(40..60, Some(5));
     let short_id = int64(std::slice::from_ref(&short_rows), "id")[5];
     drop_arrow(&dirs.input, "c_short_row.arrow", &short_rows);
-    for name in ["a_good.arrow", "b_footerless.arrow", "c_short_row.arrow"] {
+    for name in ["a_good.arrow", "b_footerless.arrow", "b_cut_stream.arrow", "c_short_row.arrow"] {
         daemon.wait_committed(&dirs.output, name);
     }
     assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "the daemon stays healthy");
@@ -253,13 +254,17 @@ daemon: {{rotate: {{rows: 2000, age_ms: 200}}, http: \"127.0.0.1:{port}\"}}
     assert!(daemon.exited().is_none(), "the daemon keeps running after corrupt inputs");
 
     let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
-    assert_eq!(dead.len(), 2, "one dead letter for the footerless file and one for the short row: {dead:?}");
+    assert_eq!(dead.len(), 3, "one dead letter for each broken file and one for the short row: {dead:?}");
     let footer_letter = dead.iter().find(|row| row[0] == "b_footerless.arrow");
     let footer_letter =
         footer_letter.unwrap_or_else(|| panic!("the footerless file is dead-lettered by name: {dead:?}"));
     assert_source(footer_letter, "b_footerless.arrow");
     assert_eq!(footer_letter[2], "source", "the source rejects the footerless file");
     assert!(footer_letter[3].contains("b_footerless.arrow"), "the error names the file: {}", footer_letter[3]);
+    assert!(footer_letter[3].contains("under a new name"), "the error says how to retry: {}", footer_letter[3]);
+    let stream_letter = dead.iter().find(|row| row[0] == "b_cut_stream.arrow");
+    let stream_letter = stream_letter.unwrap_or_else(|| panic!("the cut stream is dead-lettered by name: {dead:?}"));
+    assert!(stream_letter[3].contains("end-of-stream marker"), "the error says what is missing: {}", stream_letter[3]);
     let short_letter = dead.iter().find(|row| row[0] == short_id.to_string());
     let short_letter =
         short_letter.unwrap_or_else(|| panic!("the short row is dead-lettered by its id {short_id}: {dead:?}"));
@@ -407,7 +412,7 @@ fn sighup_reloads_or_keeps_old_pipeline() {
     let other_port = format!("127.0.0.1:{}", free_port());
     let edits = [
         (mlp().to_str().unwrap().to_string(), missing.to_str().unwrap().to_string(), "missing_model.onnx"),
-        (String::from("settle_ms: 100"), String::from("settle_ms: 200"), "changes `source`"),
+        (String::from("settle_ms: 100"), String::from("settle_ms: 200"), "changes `source.settle_ms` from 100 to 200"),
         (format!("127.0.0.1:{port}"), other_port, "changes `daemon.http`"),
     ];
     for (rejected, (from, to, message)) in (2..).zip(edits) {
@@ -522,6 +527,21 @@ fn validate_checks_daemon_pipeline() {
         "the error lists the model's inputs:\n{}",
         outcome.stderr
     );
+
+    let open_socket = format!(
+        "seed: 1
+source: {{kind: socket, listen: \"0.0.0.0:7001\", id_column: id}}
+stages: []
+sink: {{kind: arrow_file, path: {output}}}
+daemon: {{http: null}}
+",
+        output = yaml_path(&dirs.output),
+    );
+    let pipeline = write_pipeline(dirs.root.path(), "open_socket.yaml", &open_socket);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a socket outside loopback fails validation:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("source.listen"), "the error names source.listen:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("not a loopback address"), "the error says why:\n{}", outcome.stderr);
 }
 
 #[test]
@@ -588,6 +608,29 @@ fn removed_name_is_read_again_after_commit() {
 }
 
 #[test]
+fn skipped_names_logged_once() {
+    let dirs = dirs();
+    let mut daemon = start_digits(&dirs);
+    drop_arrow(&dirs.input, "a.arrow", &digits_slice(0..10));
+    std::fs::write(dirs.input.join("notes.txt"), "not an input").expect("the note is written");
+    daemon.wait_committed(&dirs.output, "a.arrow");
+    daemon.wait_log("does not match `read.path`");
+    daemon.stop(TIMEOUT);
+
+    // After a restart, the file read before is skipped without a log line,
+    // and the note is logged once more, however many scans pass.
+    let before = daemon.log().len();
+    let mut daemon = start_digits(&dirs);
+    drop_arrow(&dirs.input, "b.arrow", &digits_slice(10..20));
+    daemon.wait_committed(&dirs.output, "b.arrow");
+    daemon.stop(TIMEOUT);
+    let log = daemon.log();
+    let restarted = &log[before..];
+    assert_eq!(restarted.matches("does not match `read.path`").count(), 1, "the note is logged once:\n{restarted}");
+    assert!(!restarted.contains("complete in the checkpoint"), "a.arrow is skipped quietly:\n{restarted}");
+}
+
+#[test]
 fn json_logs_one_object_per_line() {
     let dirs = dirs();
     let port = free_port();
@@ -645,4 +688,15 @@ fn unfit_first_file_is_dead_lettered() {
     let counts = id_sample_counts(&read_committed(&dirs.output, "part-"));
     assert_eq!(counts.len(), 20 * 5, "the good file's 20 records have 5 samples each in the output");
     daemon.stop(Duration::from_secs(10));
+}
+
+/// Returns `records` in the Arrow IPC stream format without the end-of-stream
+/// marker, as a writer that stopped early leaves them.
+fn cut_stream(records: &RecordBatch) -> Vec<u8> {
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &records.schema()).unwrap();
+    writer.write(records).unwrap();
+    writer.finish().unwrap();
+    let mut bytes = writer.into_inner().unwrap();
+    bytes.truncate(bytes.len() - 8);
+    bytes
 }

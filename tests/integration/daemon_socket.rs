@@ -540,6 +540,7 @@ fn bad_socket_input_keeps_serving() {
     assert_eq!(cut.ack("cut"), 0, "the first reply of a new stream says nothing is committed");
     let error = cut.error();
     assert!(error.contains("ended inside an IPC message"), "the error says where the stream ended: {error}");
+    assert!(error.contains("resend from position 20"), "the error says where to resend from: {error}");
     assert_eq!(cut.reply(), None, "the daemon closes the connection after the error");
     // The daemon updates the count it sends to new connections just after
     // it writes checkpoint.json, so wait for the reply rather than the file.

@@ -103,7 +103,7 @@ impl Noise {
                 for (index, value) in values.iter_mut().enumerate() {
                     if *value < 0.0 || value.is_nan() {
                         return Err(format!(
-                            "Poisson noise needs non-negative values, found {} at index {index}",
+                            "Poisson noise needs non-negative values, found {} at value {index} of the record's tensor (counting from 0)",
                             value
                         ));
                     }
@@ -150,7 +150,10 @@ mod tests {
     fn poisson_rejects_negative_values() {
         let mut values = [1.0, -0.5];
         let result = Noise::Poisson { scale: 10.0 }.apply(&mut values, &mut StageRng::new(1, "n").stream(b"k", 0));
-        assert_eq!(result.unwrap_err(), "Poisson noise needs non-negative values, found -0.5 at index 1");
+        assert_eq!(
+            result.unwrap_err(),
+            "Poisson noise needs non-negative values, found -0.5 at value 1 of the record's tensor (counting from 0)"
+        );
     }
 
     #[test]
