@@ -5,12 +5,21 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use futures::FutureExt;
+
 use crate::config::{self, SinkConfig};
 use crate::config::{PipelineConfig, SourceConfig, StageConfig};
 use crate::runtime::{self, Counters};
 use crate::sink::{ArrowFileSink, Sink, resolve_output};
 
 pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Stop signals are caught from the start, so that one that arrives while
+    // the models load ends the run with a message rather than silently.
+    let mut stops = {
+        let _context = tokio.enter();
+        StopSignals::new()
+    };
     let loaded = config::load(pipeline_file, seed, output)?;
     let mut pipeline = runtime::plan(&loaded)?;
     let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink;
@@ -24,9 +33,14 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     )?;
     let sink = Sink::new(arrow, pipeline.images.take())?;
     let total = pipeline.source.len_hint();
+    if let Some(code) = stops.as_mut().and_then(|stops| stops.next().now_or_never()) {
+        // Dropping the sink removes its partial file.
+        drop(sink);
+        eprintln!("stop signal received before the first record was read: stopped, no output written");
+        return Ok(ExitCode::from(code));
+    }
     tracing::info!(pipeline = %pipeline_file.display(), seed = loaded.config.seed, output = %sink_config.path.display(), "run started");
 
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let stop_code = Arc::new(AtomicU8::new(0));
     let summary = tokio.block_on(async {
         let counters = Arc::new(Counters::default());
@@ -35,16 +49,16 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         let partial = sink.partial_path().to_path_buf();
         let signal_code = stop_code.clone();
         let signals = tokio::spawn(async move {
-            let Some(code) = next_stop_signal().await else { return };
+            let Some(mut stops) = stops else { return };
+            let code = stops.next().await;
             tracing::warn!("stop signal received; finishing the records already read, send it again to abort");
             signal_code.store(code, Ordering::Relaxed);
             signal_counters.stop.store(true, Ordering::Relaxed);
-            if next_stop_signal().await.is_some() {
-                // Exiting skips the sink's cleanup, so its partial file is removed here.
-                let _ = std::fs::remove_file(&partial);
-                eprintln!("second stop signal received: aborted, no output written");
-                super::exit_now(code);
-            }
+            stops.next().await;
+            // Exiting skips the sink's cleanup, so its partial file is removed here.
+            let _ = std::fs::remove_file(&partial);
+            eprintln!("second stop signal received: aborted, no output written");
+            super::exit_now(code);
         });
         let result = runtime::execute(pipeline, sink, counters).await;
         progress.abort();
@@ -100,16 +114,30 @@ fn input_files(config: &PipelineConfig) -> Vec<&Path> {
     files
 }
 
-/// Waits for SIGINT or SIGTERM and returns the exit code that reports it:
-/// 130 or 143, the shell's 128 + signal number. `None` if signals cannot be
-/// watched.
-async fn next_stop_signal() -> Option<u8> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).ok()?;
-    let mut terminate = signal(SignalKind::terminate()).ok()?;
-    tokio::select! {
-        _ = interrupt.recv() => Some(super::EXIT_INTERRUPTED),
-        _ = terminate.recv() => Some(super::EXIT_TERMINATED),
+/// SIGINT and SIGTERM, caught from the moment this is created.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts catching the signals; `None` if they cannot be caught. Needs
+    /// a Tokio runtime context.
+    fn new() -> Option<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Self {
+            interrupt: signal(SignalKind::interrupt()).ok()?,
+            terminate: signal(SignalKind::terminate()).ok()?,
+        })
+    }
+
+    /// Waits for the next signal and returns the exit code that reports it:
+    /// 130 or 143, the shell's 128 + signal number.
+    async fn next(&mut self) -> u8 {
+        tokio::select! {
+            _ = self.interrupt.recv() => super::EXIT_INTERRUPTED,
+            _ = self.terminate.recv() => super::EXIT_TERMINATED,
+        }
     }
 }
 

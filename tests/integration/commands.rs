@@ -158,6 +158,46 @@ fn sigterm_commits_records_read_so_far() {
 }
 
 #[test]
+fn early_sigterm_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.npy");
+    write_npy_f32(&input, &[64, 64], &vec![0.5; 64 * 64]);
+    let output = dir.path().join("early.arrow");
+    let yaml = format!(
+        "seed: 1\nsource: {{kind: npy, path: {}, column: pixels}}\nstages:\n  - {{kind: infer, model: {}, inputs: {{pixels: pixels}}}}\nsink: {{kind: arrow_file, path: {}}}\n",
+        yaml_path(&input),
+        yaml_path(&repo("fixtures/models/mlp_digits.onnx")),
+        yaml_path(&output)
+    );
+    let pipeline = write_pipeline(dir.path(), "early.yaml", &yaml);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
+        .args(["run", pipeline.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // SIGTERM as soon as the process catches it: while the model loads, as a
+    // rule, or else while the records are read.
+    const SIGTERM_BIT: u64 = 1 << (15 - 1);
+    let started = std::time::Instant::now();
+    while crate::daemon_support::caught_signals(child.id()) & SIGTERM_BIT == 0 {
+        assert!(started.elapsed().as_secs() < 30, "the run did not catch SIGTERM");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(143), "the run reports the signal in its exit code: {stderr}");
+    let before_start = stderr.contains("stop signal received before the first record was read");
+    let during_run = stderr.contains("interrupted: the output contains the records read before the stop signal");
+    assert!(before_start || during_run, "the run says what the signal did: {stderr}");
+    assert!(!dir.path().join("early.arrow.partial").exists(), "no partial file is left");
+    assert_eq!(output.exists(), during_run, "an output file exists only if records were read");
+}
+
+#[test]
 fn output_over_input_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("x.npy");
