@@ -4,7 +4,8 @@
 //! line: first the top level, with each section kept as a YAML value, then
 //! each section on its own, tracking the path of the failing key. serde
 //! alone cannot do this for the tagged `kind` sections, whose errors lose
-//! their position. All section errors are collected, not just the first.
+//! their position. Errors are collected from every section, and up to
+//! [`PROBLEMS_PER_SECTION`] from each.
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -57,53 +58,103 @@ pub fn parse(text: &str) -> Result<PipelineConfig, Result<String, Vec<ConfigProb
     }
 }
 
-/// Deserializes one section; on failure records a problem at the failing
+/// Most problems reported for one section. After each, the failing key is
+/// removed and the section parsed again, so one run lists several.
+const PROBLEMS_PER_SECTION: usize = 10;
+
+/// Deserializes one section; on failure records a problem at each failing
 /// key's path.
 fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<ConfigProblem>) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-        Ok(parsed) => Some(parsed),
-        Err(err) => {
-            let message = plain_types(&err.inner().to_string());
-            let mut path = prefix.to_string();
-            let inner = err.path().to_string();
-            if !inner.is_empty() && inner != "." && inner != "?" {
-                if !inner.starts_with('[') {
-                    path.push('.');
-                }
-                path.push_str(&inner);
+    let mut value = value;
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..PROBLEMS_PER_SECTION {
+        let (trail, message) = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return removed.is_empty().then_some(parsed),
+            Err(err) => (failing_trail::<T>(&value, &err), plain_types(&err.inner().to_string())),
+        };
+        // A key removed after an earlier problem may be required; its
+        // absence is not a problem of the file.
+        if removed.iter().any(|key| message.starts_with(&format!("missing field `{key}`"))) {
+            return None;
+        }
+        let mut path = prefix.to_string();
+        for step in &trail {
+            match step {
+                Step::Key(key) => path.push_str(&format!(".{key}")),
+                Step::Index(index) => path.push_str(&format!("[{index}]")),
             }
-            // An unknown key is reported at the mapping that has it; point
-            // at the key itself.
-            if path == prefix {
-                path.push_str(&culprit::<T>(&value, &message));
+        }
+        problems.push(ConfigProblem::new(path, message));
+        // Removing a sequence item would shift the indices of later
+        // problems, so the search stops there.
+        match trail.split_last() {
+            Some((Step::Key(key), parent)) if lookup(&value, parent).is_some() => {
+                removed.push(key.clone());
+                remove(&mut value, parent, &Step::Key(key.clone()));
             }
-            if let Some(key) = unknown_field(&message)
-                && !path.ends_with(&format!(".{key}"))
-            {
-                path = format!("{path}.{key}");
-            }
-            problems.push(ConfigProblem::new(path, message));
-            None
+            _ => return None,
         }
     }
+    None
+}
+
+/// Returns the path of the key that a deserialization error is about.
+fn failing_trail<T: DeserializeOwned>(
+    value: &Value,
+    err: &serde_path_to_error::Error<serde_yaml_ng::Error>,
+) -> Vec<Step> {
+    let message = plain_types(&err.inner().to_string());
+    let mut trail = Vec::new();
+    for segment in err.path().iter() {
+        match segment {
+            serde_path_to_error::Segment::Map { key } => trail.push(Step::Key(key.clone())),
+            serde_path_to_error::Segment::Seq { index } => trail.push(Step::Index(*index)),
+            _ => {}
+        }
+    }
+    // An error inside a `kind`-tagged section comes without a path.
+    if trail.is_empty() && !message.starts_with("missing field") {
+        trail = isolate::<T>(value, &message).unwrap_or_default();
+    }
+    // An unknown key is reported at the mapping that has it; point at the
+    // key itself.
+    if let Some(key) = unknown_field(&message)
+        && !matches!(trail.last(), Some(Step::Key(last)) if last == key)
+    {
+        trail.push(Step::Key(key.to_string()));
+    }
+    trail
+}
+
+/// Finds the key of a section that an error is about by parsing each key
+/// alone (with `kind`), which gives the same error only for that key even
+/// when the section has other errors. Inside that key, [`search`] goes on.
+fn isolate<T: DeserializeOwned>(section: &Value, message: &str) -> Option<Vec<Step>> {
+    let Value::Mapping(mapping) = section else {
+        return search::<T>(section, &mut Vec::new(), message);
+    };
+    for (key, child) in mapping {
+        let Some(name) = key.as_str().filter(|name| *name != "kind") else { continue };
+        let mut alone = serde_yaml_ng::Mapping::new();
+        if let Some(kind) = mapping.get("kind") {
+            alone.insert(Value::from("kind"), kind.clone());
+        }
+        alone.insert(key.clone(), child.clone());
+        let alone = Value::Mapping(alone);
+        let error = serde_yaml_ng::from_value::<T>(alone.clone()).err().map(|err| plain_types(&err.to_string()));
+        if error.as_deref() == Some(message) {
+            let mut trail = vec![Step::Key(name.to_string())];
+            return Some(search::<T>(&alone, &mut trail, message).unwrap_or(trail));
+        }
+    }
+    search::<T>(section, &mut Vec::new(), message)
 }
 
 /// Finds where in a section an error lies, for errors that serde reports
-/// without a path (values inside `kind`-tagged sections), and returns the
-/// path suffix, such as `.aggregates[0].from`. A child is implicated when
+/// without a path (values inside `kind`-tagged sections), as a trail of
+/// steps such as `aggregates`, `0`, `from`. A child is implicated when
 /// removing it fixes the error or changes it; a required child, whose
 /// removal only reports it missing, is searched inside.
-fn culprit<T: DeserializeOwned>(section: &Value, message: &str) -> String {
-    let trail = search::<T>(section, &mut Vec::new(), message).unwrap_or_default();
-    trail
-        .iter()
-        .map(|step| match step {
-            Step::Key(key) => format!(".{key}"),
-            Step::Index(index) => format!("[{index}]"),
-        })
-        .collect()
-}
-
 fn search<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: &str) -> Option<Vec<Step>> {
     let missing = message.starts_with("missing field");
     let children: Vec<Step> = match lookup(section, trail)? {
@@ -247,6 +298,31 @@ mod tests {
             "{HEADER}stages:\n  - {{kind: repeat, samples: 2}}\n  - {{kind: aggregate, aggregates: [{{op: mean, column: x}}, {{op: mean, column: y, from: logits}}]}}\n"
         ));
         assert_eq!(found[0].path, "stages[1].aggregates[1].from");
+    }
+
+    #[test]
+    fn several_errors_in_one_section_are_collected() {
+        let text = format!(
+            "{HEADER}stages:\n  - {{kind: infer, model: m.onnx, inputs: {{x: x}}, sessions: two, threads: -1, bach_size: 4}}\ndaemon: {{rotate: {{rows: -5}}, max_delay_ms: fast}}\n"
+        );
+        let paths: Vec<String> = problems(&text).into_iter().map(|p| p.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "stages[0].sessions",
+                "stages[0].bach_size",
+                "stages[0].threads",
+                "daemon.rotate.rows",
+                "daemon.max_delay_ms"
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_required_key_is_not_reported_missing() {
+        let found = problems(&format!("{HEADER}stages:\n  - {{kind: add_noise, column: [x], std: 1}}\n"));
+        let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["stages[0].column"], "{found:?}");
     }
 
     #[test]
