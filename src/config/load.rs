@@ -119,7 +119,8 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
         // The `read` path is a file name pattern inside the directory.
         SourceConfig::Watch(c) => resolve(&mut c.path),
         SourceConfig::Socket(c) => {
-            if let Some(socket) = c.listen.strip_prefix("unix:") {
+            // An empty path stays empty, for the check to reject.
+            if let Some(socket) = c.listen.strip_prefix("unix:").filter(|socket| !socket.is_empty()) {
                 let mut path = PathBuf::from(socket);
                 resolve(&mut path);
                 c.listen = format!("unix:{}", path.display());

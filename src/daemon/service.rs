@@ -622,7 +622,8 @@ fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<Lo
     let as_json = |value: &crate::config::SourceConfig| serde_json::to_value(value).unwrap_or_default();
     let changes = changed_keys("source", &as_json(&current.config.source), &as_json(&new.config.source));
     if !changes.is_empty() {
-        anyhow::bail!("the new file changes {}, which needs a restart of the daemon", changes.join(", "));
+        let needs = if changes.len() == 1 { "needs" } else { "need" };
+        anyhow::bail!("the new file changes {}, which {needs} a restart of the daemon", changes.join(", "));
     }
     let (SinkConfig::ArrowFile(new_sink), SinkConfig::ArrowFile(old_sink)) = (&new.config.sink, &current.config.sink);
     if new_sink.path != old_sink.path {

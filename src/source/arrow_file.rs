@@ -65,7 +65,7 @@ fn open_reader(path: &std::path::Path) -> Result<Box<dyn RecordBatchReader + Sen
         file.seek(SeekFrom::Start(0)).map_err(io_error)?;
         let reader = FileReader::try_new_buffered(file, None).map_err(|err| {
             format_error(format!(
-                "{err}. A file that starts like an Arrow file but has no valid footer is usually cut short or still being written: write it under another name and rename it when it is complete"
+                "{err}; a file that starts like an Arrow file but has no valid footer is usually cut short or still being written, so read it once its writer has closed it"
             ))
         })?;
         return Ok(Box::new(reader));
@@ -77,7 +77,7 @@ fn open_reader(path: &std::path::Path) -> Result<Box<dyn RecordBatchReader + Sen
         && end == END_OF_STREAM;
     if !has_end_marker {
         return Err(format_error(String::from(
-            "it is neither an Arrow IPC file (which starts with ARROW1) nor an Arrow IPC stream that ends with the end-of-stream marker; a stream without that marker may be cut short, so close the stream writer before the file is read",
+            "it does not start like the Arrow file format (ARROW1), and as an Arrow IPC stream it ends without the end-of-stream marker, so it is cut short or not Arrow at all; close the stream writer before the file is read",
         )));
     }
     file.seek(SeekFrom::Start(0)).map_err(io_error)?;

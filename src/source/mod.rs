@@ -120,15 +120,18 @@ pub(crate) fn column_difference(expected: &Schema, found: &Schema) -> String {
     let mut parts = Vec::new();
     for field in expected.fields() {
         match found.field_with_name(field.name()) {
-            Err(_) => parts.push(format!("missing {}", field.name())),
+            Err(_) => parts.push(format!("missing column {:?}", field.name())),
             Ok(other) if other.data_type() != field.data_type() => {
-                parts.push(format!("{} is {}, expected {}", field.name(), type_text(other), type_text(field)))
+                parts.push(format!("column {:?} is {}, expected {}", field.name(), type_text(other), type_text(field)))
             }
-            Ok(other) if other.metadata() != field.metadata() => {
-                parts.push(format!("{} has other field metadata", field.name()))
-            }
+            Ok(other) if other.metadata() != field.metadata() => match (type_text(other), type_text(field)) {
+                (found, expected) if found != expected => {
+                    parts.push(format!("column {:?} is {found}, expected {expected}", field.name()))
+                }
+                _ => parts.push(format!("column {:?} has other field metadata", field.name())),
+            },
             Ok(other) if other.is_nullable() != field.is_nullable() => parts.push(format!(
-                "{} is {}nullable, expected {}nullable",
+                "column {:?} is {}nullable, expected {}nullable",
                 field.name(),
                 if other.is_nullable() { "" } else { "not " },
                 if field.is_nullable() { "" } else { "not " }
@@ -138,7 +141,7 @@ pub(crate) fn column_difference(expected: &Schema, found: &Schema) -> String {
     }
     for field in found.fields() {
         if expected.field_with_name(field.name()).is_err() {
-            parts.push(format!("extra {}", field.name()));
+            parts.push(format!("extra column {:?}", field.name()));
         }
     }
     if parts.is_empty() {
@@ -165,13 +168,23 @@ mod tests {
         let reshaped = Schema::new(vec![id.clone(), pixels(32, false)]);
         assert_eq!(
             column_difference(&expected, &reshaped),
-            "pixels is a tensor of float32[32], expected a tensor of float32[64]"
+            "column \"pixels\" is a tensor of float32[32], expected a tensor of float32[64]"
+        );
+
+        let metadata = std::collections::HashMap::from([
+            (String::from("ARROW:extension:name"), String::from("arrow.fixed_shape_tensor")),
+            (String::from("ARROW:extension:metadata"), String::from(r#"{"shape":[8,8]}"#)),
+        ]);
+        let square = Schema::new(vec![id.clone(), pixels(64, false).with_metadata(metadata)]);
+        assert_eq!(
+            column_difference(&expected, &square),
+            "column \"pixels\" is a tensor of float32[8, 8], expected a tensor of float32[64]"
         );
 
         let nullable = Schema::new(vec![id.clone(), pixels(64, true)]);
-        assert_eq!(column_difference(&expected, &nullable), "pixels is nullable, expected not nullable");
+        assert_eq!(column_difference(&expected, &nullable), "column \"pixels\" is nullable, expected not nullable");
 
         let renamed = Schema::new(vec![id, Field::new("label", DataType::Utf8, true)]);
-        assert_eq!(column_difference(&expected, &renamed), "missing pixels; extra label");
+        assert_eq!(column_difference(&expected, &renamed), "missing column \"pixels\"; extra column \"label\"");
     }
 }

@@ -459,7 +459,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(socket: S, peer: Stri
         let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, input);
         let mut connection = Connection { shared: shared.clone(), peer: peer.clone(), replies, stream: None };
         let result = connection.read_stream(&mut input).await;
-        let stream = connection.stream.as_deref().unwrap_or("");
+        // A connection that ends before its schema has no stream name yet.
+        let stream = connection.stream.as_deref().unwrap_or("(none)");
         match result {
             Ok(totals) => {
                 tracing::info!(
@@ -1273,8 +1274,8 @@ mod tests {
         let mut other = Client::send(&address, &bytes);
         assert_eq!(other.reply(), ack("b", 0));
         let error = other.error();
-        assert!(error.contains("missing x"), "{error}");
-        assert!(error.contains("extra label"), "{error}");
+        assert!(error.contains("missing column \"x\""), "{error}");
+        assert!(error.contains("extra column \"label\""), "{error}");
         assert_eq!(other.reply(), None);
         assert!(running.try_next().await.is_none(), "records of a mismatched stream are not forwarded");
         running.stop().await;

@@ -57,8 +57,9 @@ pub struct WatchSource {
     /// The schema of the first file read, which every file must share.
     schema: Option<(SchemaRef, String)>,
     schema_check: Option<SchemaCheck>,
-    /// Files whose schema failed the check, so they are not tried again
-    /// for the schema. Once the schema is known, they are read and rejected.
+    /// Files that could not be opened or whose schema failed the check, so
+    /// they are not tried again for the schema. Once the schema is known,
+    /// they are read again and, if they still fail, rejected.
     unfit: HashSet<String>,
 }
 
@@ -156,7 +157,10 @@ impl WatchSource {
                         self.schema = Some(known.clone());
                         return Ok(Some(known));
                     }
-                    Err(err) => tracing::debug!(file = %name, error = %err, "cannot take the schema from this file"),
+                    Err(err) => {
+                        tracing::warn!(file = %name, error = %crate::runtime::error_chain(&err), "cannot open input file; it goes to the dead letters once another file's columns start the pipeline");
+                        self.unfit.insert(name);
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(self.config.poll_ms));

@@ -132,8 +132,16 @@ fn non_finite_model_input_is_skipped() {
     );
     let (outcome, output) = run_yaml(dir.path(), "nan", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("holds NaN at value 10 of the record's tensor"), "{}", outcome.stderr);
-    assert!(outcome.stderr.contains("holds inf at value 0 of the record's tensor"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("holds NaN at index [10] of the record's tensor of shape [64]"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("holds inf at index [0] of the record's tensor of shape [64]"),
+        "{}",
+        outcome.stderr
+    );
     let (_, batches) = read_arrow(&output);
     assert_eq!(int64(&batches, "ordinal"), [0, 2]);
 }

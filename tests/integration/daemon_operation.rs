@@ -542,6 +542,12 @@ daemon: {{http: null}}
     assert_eq!(outcome.code, 1, "a socket outside loopback fails validation:\n{}", outcome.stderr);
     assert!(outcome.stderr.contains("source.listen"), "the error names source.listen:\n{}", outcome.stderr);
     assert!(outcome.stderr.contains("not a loopback address"), "the error says why:\n{}", outcome.stderr);
+
+    let empty_unix = open_socket.replace("\"0.0.0.0:7001\"", "\"unix:\"");
+    let pipeline = write_pipeline(dirs.root.path(), "empty_unix.yaml", &empty_unix);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "a Unix socket without a path fails validation:\n{}", outcome.stderr);
+    assert!(outcome.stderr.contains("must be followed by the socket's path"), "{}", outcome.stderr);
 }
 
 #[test]
@@ -678,13 +684,23 @@ fn unfit_first_file_is_dead_lettered() {
     assert!(daemon.is_running(), "an unfit first file leaves the daemon running; log:\n{}", daemon.log_tail());
     assert_eq!(daemon.get("/healthz").map(|(status, _)| status), Some(200), "/healthz after the unfit file");
 
+    // A file that cannot be opened at all is logged once, not at every scan
+    // (every 20 ms here).
+    drop_bytes(&dirs.input, "a_cut.arrow", &cut_stream(&digits_slice(0..10)));
+    daemon.wait_log("cannot open input file");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.log().matches("cannot open input file").count(), 1, "one line for the cut file");
+
     drop_arrow(&dirs.input, "b_good.arrow", &digits_slice(10..30));
     daemon.wait_committed(&dirs.output, "b_good.arrow");
     daemon.wait_committed(&dirs.output, "a_ids_only.arrow");
+    daemon.wait_committed(&dirs.output, "a_cut.arrow");
     let dead = dead_letters(&read_committed(&dirs.output, "dead-"));
-    assert_eq!(dead.len(), 1, "the unfit file is one dead letter: {dead:?}");
-    assert_eq!(dead[0][0], "a_ids_only.arrow", "the dead letter is keyed by the file name");
-    assert_eq!(dead[0][1], "a_ids_only.arrow", "the dead letter names the file as its source");
+    assert_eq!(dead.len(), 2, "the unfit file and the cut file are one dead letter each: {dead:?}");
+    let unfit = dead.iter().find(|row| row[0] == "a_ids_only.arrow");
+    let unfit = unfit.unwrap_or_else(|| panic!("the dead letter is keyed by the file name: {dead:?}"));
+    assert_eq!(unfit[1], "a_ids_only.arrow", "the dead letter names the file as its source");
+    assert!(dead.iter().any(|row| row[0] == "a_cut.arrow"), "the cut file is dead-lettered: {dead:?}");
     let counts = id_sample_counts(&read_committed(&dirs.output, "part-"));
     assert_eq!(counts.len(), 20 * 5, "the good file's 20 records have 5 samples each in the output");
     daemon.stop(Duration::from_secs(10));
