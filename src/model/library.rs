@@ -4,10 +4,14 @@
 //! of it. The library is looked up, in this order:
 //!
 //! 1. the path in `ORT_DYLIB_PATH`;
-//! 2. the `onnxruntime` Python package of `python3` (or `$STOCHFLOW_PYTHON`),
+//! 2. the stochflow cache, when an earlier download filled it;
+//! 3. the `onnxruntime` Python package of `python3` (or `$STOCHFLOW_PYTHON`),
 //!    when its version is [`ORT_VERSION`]'s minor release;
-//! 3. the stochflow cache, filled on first use by `pip download` of PyPI's
+//! 4. the stochflow cache again, filled now by `pip download` of PyPI's
 //!    `onnxruntime` wheel, which ships `onnxruntime/capi/libonnxruntime.so.*`.
+//!
+//! The cache comes before Python because asking Python takes a process
+//! start (about 0.1 s) at every run.
 //!
 //! The cache is `$STOCHFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/stochflow`, else
 //! `~/.cache/stochflow`.
@@ -67,18 +71,18 @@ pub fn find() -> Result<PathBuf, LibraryError> {
         return if path.exists() { Ok(path) } else { Err(LibraryError::EnvPathMissing(path)) };
     }
 
-    let python = python();
-    let python_outcome = match from_python_package(&python) {
-        Ok(path) => return Ok(path),
-        Err(reason) => reason,
-    };
-
     let cache = cache_dir().join(format!("onnxruntime-{ORT_VERSION}"));
     let cached = cache.join(format!("libonnxruntime.so.{ORT_VERSION}"));
     if cached.exists() {
         check_cache(&cache)?;
         return Ok(cached);
     }
+
+    let python = python();
+    let python_outcome = match from_python_package(&python) {
+        Ok(path) => return Ok(path),
+        Err(reason) => reason,
+    };
     match download_into(&python, &cache) {
         Ok(()) if cached.exists() => Ok(cached),
         Ok(()) => Err(not_found(&python, python_outcome, &cache, "the wheel did not contain the library".into())),

@@ -397,6 +397,33 @@ fn missing_onnx_runtime_lists_places() {
 }
 
 #[test]
+fn cached_onnx_runtime_skips_python() {
+    let dir = tempfile::tempdir().unwrap();
+    // A cache holding a file that is not a library, and a Python that
+    // leaves a mark when it is started.
+    let cache = dir.path().join("cache");
+    let cached = cache.join("onnxruntime-1.31.1").join("libonnxruntime.so.1.31.1");
+    std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    std::fs::write(&cached, b"not a shared library").unwrap();
+    let mark = dir.path().join("python-started");
+    let python = dir.path().join("python3");
+    std::fs::write(&python, format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display())).unwrap();
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
+        .args(["validate", repo("pipelines/digits.yaml").to_str().unwrap()])
+        .env_remove("ORT_DYLIB_PATH")
+        .env("STOCHFLOW_PYTHON", &python)
+        .env("STOCHFLOW_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "the fake library cannot load: {stderr}");
+    assert!(stderr.contains(cached.to_str().unwrap()), "the error names the cached library: {stderr}");
+    assert!(!mark.exists(), "Python is not started when the cache has the library");
+}
+
+#[test]
 fn truncated_jpeg_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let photos = dir.path().join("jpegs");
