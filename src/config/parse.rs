@@ -70,7 +70,10 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
     for _ in 0..PROBLEMS_PER_SECTION {
         let (trail, message) = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
             Ok(parsed) => return removed.is_empty().then_some(parsed),
-            Err(err) => (failing_trail::<T>(&value, &err), plain_types(&err.inner().to_string())),
+            Err(err) => {
+                let message = plain_types(&err.inner().to_string());
+                (failing_trail::<T>(&value, &err, &message), message)
+            }
         };
         // A key removed after an earlier problem may be required; its
         // absence is not a problem of the file.
@@ -98,12 +101,13 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
     None
 }
 
-/// Returns the path of the key that a deserialization error is about.
+/// Returns the path of the key that a deserialization error (with its
+/// `message`) is about.
 fn failing_trail<T: DeserializeOwned>(
     value: &Value,
     err: &serde_path_to_error::Error<serde_yaml_ng::Error>,
+    message: &str,
 ) -> Vec<Step> {
-    let message = plain_types(&err.inner().to_string());
     let mut trail = Vec::new();
     for segment in err.path().iter() {
         match segment {
@@ -114,11 +118,11 @@ fn failing_trail<T: DeserializeOwned>(
     }
     // An error inside a `kind`-tagged section comes without a path.
     if trail.is_empty() && !message.starts_with("missing field") {
-        trail = isolate::<T>(value, &message).unwrap_or_default();
+        trail = isolate::<T>(value, message).unwrap_or_default();
     }
     // An unknown key is reported at the mapping that has it; point at the
     // key itself.
-    if let Some(key) = unknown_field(&message)
+    if let Some(key) = unknown_field(message)
         && !matches!(trail.last(), Some(Step::Key(last)) if last == key)
     {
         trail.push(Step::Key(key.to_string()));

@@ -124,12 +124,15 @@ pub(crate) fn column_difference(expected: &Schema, found: &Schema) -> String {
             Ok(other) if other.data_type() != field.data_type() => {
                 parts.push(format!("column {:?} is {}, expected {}", field.name(), type_text(other), type_text(field)))
             }
-            Ok(other) if other.metadata() != field.metadata() => match (type_text(other), type_text(field)) {
-                (found, expected) if found != expected => {
-                    parts.push(format!("column {:?} is {found}, expected {expected}", field.name()))
+            Ok(other) if other.metadata() != field.metadata() => {
+                // Tensor columns of the same list size differ in their shape metadata.
+                let (found_type, expected_type) = (type_text(other), type_text(field));
+                if found_type != expected_type {
+                    parts.push(format!("column {:?} is {found_type}, expected {expected_type}", field.name()));
+                } else {
+                    parts.push(format!("column {:?} has other field metadata", field.name()));
                 }
-                _ => parts.push(format!("column {:?} has other field metadata", field.name())),
-            },
+            }
             Ok(other) if other.is_nullable() != field.is_nullable() => parts.push(format!(
                 "column {:?} is {}nullable, expected {}nullable",
                 field.name(),

@@ -308,7 +308,7 @@ impl Infer {
                     && let Some(position) = chunk.iter().position(|v| !v.is_finite())
                 {
                     problems[row] = Some(format!(
-                        "column {:?} holds {} at index {} of the record's tensor of shape {:?}; the model input {:?} needs finite values",
+                        "column {:?} contains {} at index {} of the record's tensor of shape {:?}; the model input {:?} needs finite values",
                         input.column,
                         chunk[position],
                         index_text(&input.tensor.shape, position),

@@ -133,12 +133,12 @@ fn non_finite_model_input_is_skipped() {
     let (outcome, output) = run_yaml(dir.path(), "nan", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert!(
-        outcome.stderr.contains("holds NaN at index [10] of the record's tensor of shape [64]"),
+        outcome.stderr.contains("contains NaN at index [10] of the record's tensor of shape [64]"),
         "{}",
         outcome.stderr
     );
     assert!(
-        outcome.stderr.contains("holds inf at index [0] of the record's tensor of shape [64]"),
+        outcome.stderr.contains("contains inf at index [0] of the record's tensor of shape [64]"),
         "{}",
         outcome.stderr
     );

@@ -115,6 +115,22 @@ fn tta_pipeline_summarizes_each_photo() {
     assert!(spread.iter().all(|s| *s > 0.0), "augmented copies must give different logits");
 }
 
+/// Starts `stochflow run PIPELINE` with its output captured.
+fn spawn_run(pipeline: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
+        .args(["run", pipeline.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+}
+
 #[test]
 fn sigterm_commits_records_read_so_far() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,12 +145,7 @@ fn sigterm_commits_records_read_so_far() {
         yaml_path(&output)
     );
     let pipeline = write_pipeline(dir.path(), "long.yaml", &yaml);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
-        .args(["run", pipeline.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&pipeline);
 
     // Wait until rows are being written, then stop the run.
     let partial = dir.path().join("stopped.arrow.partial");
@@ -143,8 +154,7 @@ fn sigterm_commits_records_read_so_far() {
         assert!(started.elapsed().as_secs() < 60, "the run did not start writing");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    terminate(&child);
     let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(143), "{stderr}");
@@ -170,12 +180,7 @@ fn early_sigterm_is_reported() {
         yaml_path(&output)
     );
     let pipeline = write_pipeline(dir.path(), "early.yaml", &yaml);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stochflow"))
-        .args(["run", pipeline.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&pipeline);
 
     // SIGTERM as soon as the process catches it: while the model loads, as a
     // rule, or else while the records are read.
@@ -185,8 +190,7 @@ fn early_sigterm_is_reported() {
         assert!(started.elapsed().as_secs() < 30, "the run did not catch SIGTERM");
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    terminate(&child);
     let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(143), "the run reports the signal in its exit code: {stderr}");
