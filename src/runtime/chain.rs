@@ -168,8 +168,9 @@ async fn run_segment(
         stages: stages.into_iter().zip(spans).collect(),
         observer,
         intake: Mutex::new(IntakeState { intake, next: 0, ended: false }),
-        window: Semaphore::new(concurrency),
-        order: Mutex::new(Order { next: 0, done: BTreeMap::new(), outlet }),
+        window: Semaphore::new(concurrency + 1),
+        order: Mutex::new(Order { next: 0, done: BTreeMap::new() }),
+        outlet: Mutex::new(outlet),
         stopped: AtomicBool::new(false),
         stop: Notify::new(),
     });
@@ -193,16 +194,20 @@ async fn run_segment(
 /// The shared state of a segment's workers.
 ///
 /// A worker takes the next batch and its sequence number from the intake,
-/// runs it through the stages, and files the result in the order book. The
-/// worker that files the next batch due puts it, and any that were waiting
-/// behind it, to the outlet. The window holds one permit per batch between
-/// intake and outlet, so at most `concurrency` batches are in the segment.
+/// runs it through the stages, and files the result in the order book. Then
+/// it puts the batches that are due to the outlet, unless another worker is
+/// already putting, which takes them along: a worker never waits while
+/// another writes. The window holds one permit per batch between intake and
+/// order book, so at most `concurrency + 1` batches are in the stages and
+/// the book, and at most as many more on their way to the outlet; the spare
+/// permit lets a worker that finished early start its next batch.
 struct Segment {
     stages: Vec<(Arc<dyn Stage>, tracing::Span)>,
     observer: Option<Arc<dyn StageObserver>>,
     intake: Mutex<IntakeState>,
     window: Semaphore,
     order: Mutex<Order>,
+    outlet: Mutex<Outlet>,
     stopped: AtomicBool,
     stop: Notify,
 }
@@ -214,10 +219,22 @@ struct IntakeState {
     ended: bool,
 }
 
+/// Finished batches waiting for those before them.
 struct Order {
     next: u64,
     done: BTreeMap<u64, Result<Batch, StageError>>,
-    outlet: Outlet,
+}
+
+impl Order {
+    /// Removes the batches that are due, in order.
+    fn take_due(&mut self) -> Vec<Result<Batch, StageError>> {
+        let mut due = Vec::new();
+        while let Some(result) = self.done.remove(&self.next) {
+            self.next += 1;
+            due.push(result);
+        }
+        due
+    }
 }
 
 impl Segment {
@@ -237,18 +254,43 @@ impl Segment {
             permit.expect("the window is never closed").forget();
             let Some((sequence, batch)) = self.take(handle)? else { return Ok(()) };
             let result = self.run(batch);
+            self.order.lock().expect("no worker panics while holding the order book").done.insert(sequence, result);
+            if !self.deliver(handle)? {
+                self.halt();
+                return Ok(());
+            }
+        }
+    }
 
-            let mut order = self.order.lock().expect("no worker panics while holding the order book");
-            order.done.insert(sequence, result);
+    /// Puts the due batches to the outlet, and those that become due while
+    /// it does, unless another worker holds the outlet; that worker then
+    /// puts them. Returns `false` once a channel outlet is closed or the
+    /// segment halted.
+    fn deliver(&self, handle: &tokio::runtime::Handle) -> Result<bool, RunError> {
+        loop {
+            let mut outlet = match self.outlet.try_lock() {
+                Ok(outlet) => outlet,
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(true),
+                Err(std::sync::TryLockError::Poisoned(_)) => panic!("no worker panics while holding the outlet"),
+            };
             loop {
-                let due = order.next;
-                let Some(result) = order.done.remove(&due) else { break };
-                order.next += 1;
-                if !self.put(&mut order.outlet, result?, handle)? {
-                    self.halt();
-                    return Ok(());
+                let due = self.order.lock().expect("no worker panics while holding the order book").take_due();
+                if due.is_empty() {
+                    break;
                 }
-                self.window.add_permits(1);
+                self.window.add_permits(due.len());
+                for result in due {
+                    if !self.put(&mut outlet, result?, handle)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            drop(outlet);
+            // A worker that filed a due batch after the last look above, and
+            // found the outlet taken, left it for this one to put.
+            let order = self.order.lock().expect("no worker panics while holding the order book");
+            if !order.done.contains_key(&order.next) {
+                return Ok(true);
             }
         }
     }
@@ -425,12 +467,14 @@ mod tests {
     }
 
     /// Pulls `batches` batches of three ids each through `stages` with a
-    /// pull intake that fails at batch `fail_at`, and returns the sizes of
-    /// the batches pushed, the ids, and the chain's first error.
+    /// pull intake that fails at batch `fail_at`, to a push outlet that
+    /// takes `push_pause` per batch, and returns the sizes of the batches
+    /// pushed, the ids, and the chain's first error.
     fn pull_through(
         stages: &[Arc<dyn Stage>],
         batches: i64,
         fail_at: Option<i64>,
+        push_pause: Duration,
     ) -> (Vec<usize>, Vec<i64>, Option<String>) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let pushed = Arc::new(Mutex::new((Vec::new(), Vec::new())));
@@ -449,6 +493,7 @@ mod tests {
             }));
             let sink = pushed.clone();
             let outlet = Outlet::Push(Box::new(move |batch| {
+                std::thread::sleep(push_pause);
                 let column = batch.data.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
                 let mut sink = sink.lock().unwrap();
                 sink.0.push(column.len());
@@ -473,19 +518,30 @@ mod tests {
     fn pull_regroups_and_push_keeps_order() {
         let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 3, fail_at: None });
         let stages = [parallel, Probe::stage(Some(4), true)];
-        let (sizes, ids, error) = pull_through(&stages, 11, None);
+        let (sizes, ids, error) = pull_through(&stages, 11, None, Duration::ZERO);
         assert_eq!(error, None);
         assert_eq!(sizes, [4, 4, 4, 4, 4, 4, 4, 4, 1], "33 rows in batches of 4 and a remainder");
         assert_eq!(ids, (0..33).collect::<Vec<_>>());
 
-        let (_, ids, error) = pull_through(&[], 5, None);
+        let (_, ids, error) = pull_through(&[], 5, None, Duration::ZERO);
         assert_eq!((ids, error), ((0..15).collect(), None), "a chain without stages passes batches on");
+    }
+
+    #[test]
+    fn slow_outlet_loses_no_batch() {
+        // Pushing takes about as long as a batch, so workers often find the
+        // outlet taken and leave their batches to the worker holding it.
+        let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 4, fail_at: None });
+        let (sizes, ids, error) = pull_through(&[parallel], 150, None, Duration::from_micros(400));
+        assert_eq!(error, None);
+        assert_eq!(sizes.len(), 150);
+        assert_eq!(ids, (0..450).collect::<Vec<_>>());
     }
 
     #[test]
     fn pull_failure_stops_chain() {
         let parallel: Arc<dyn Stage> = Arc::new(Probe { size: None, keeps_rows: true, concurrency: 2, fail_at: None });
-        let (_, ids, error) = pull_through(&[parallel], 100, Some(6));
+        let (_, ids, error) = pull_through(&[parallel], 100, Some(6), Duration::ZERO);
         assert_eq!(error.as_deref(), Some("a pipeline task failed unexpectedly: cannot read batch 6"));
         assert!(
             ids.len() <= 18 && ids.iter().copied().eq(0..ids.len() as i64),

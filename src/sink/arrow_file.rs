@@ -2,7 +2,8 @@
 //!
 //! Commit protocol:
 //! 1. Batches are written to `<name>.partial` beside the final path.
-//! 2. On finish, the footer is written, the file is fsync'd, renamed to its
+//! 2. On finish, the footer is written, the file is fsync'd (its pages
+//!    are handed to writeback as it grows, so little is left to wait for), renamed to its
 //!    final name, and the folder is fsync'd so the rename is durable.
 //! 3. If the run fails, the partial file is removed. A crash leaves at most
 //!    a `.partial` file, never a torn file under the final name.
@@ -21,6 +22,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::CompressionType;
 use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
 
+use super::writeback::WritebackFile;
 use crate::config::Compression;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +78,7 @@ pub fn resolve_output(path: &Path, inputs: &[&Path]) -> Result<PathBuf, SinkErro
 pub struct ArrowFileSink {
     path: PathBuf,
     partial: PathBuf,
-    writer: Option<FileWriter<BufWriter<File>>>,
+    writer: Option<FileWriter<BufWriter<WritebackFile>>>,
     schema: SchemaRef,
     /// Indices of the written columns in the pipeline's output schema.
     projection: Vec<usize>,
@@ -113,7 +115,8 @@ impl ArrowFileSink {
                 Compression::Zstd => Some(CompressionType::ZSTD),
             })
             .map_err(arrow_error)?;
-        let writer = FileWriter::try_new_with_options(BufWriter::new(file), &schema, options).map_err(arrow_error)?;
+        let writer = FileWriter::try_new_with_options(BufWriter::new(WritebackFile::new(file)), &schema, options)
+            .map_err(arrow_error)?;
         Ok(Self {
             path: path.to_path_buf(),
             partial,
@@ -187,8 +190,10 @@ impl ArrowFileSink {
         let mut writer = self.writer.take().expect("the writer is open until finish");
         writer.finish().map_err(|err| self.arrow_error(err))?;
         let file = writer.into_inner().map_err(|err| self.arrow_error(err))?;
-        let file =
-            file.into_inner().map_err(|err| SinkError::Io { path: self.path.clone(), source: err.into_error() })?;
+        let file = file
+            .into_inner()
+            .map_err(|err| SinkError::Io { path: self.path.clone(), source: err.into_error() })?
+            .into_inner();
         let io_error = |source| SinkError::Io { path: self.path.clone(), source };
         file.sync_all().map_err(io_error)?;
         drop(file);

@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod images;
 mod output;
 mod rotating;
+mod writeback;
 
 pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
 pub use images::ImageSink;
