@@ -85,7 +85,12 @@ pub struct Keys<'a> {
 
 impl<'a> Keys<'a> {
     pub fn new(batch: &'a RecordBatch, key_column: &str) -> Option<Self> {
-        let column = batch.column_by_name(key_column)?;
+        Self::of_column(batch.column_by_name(key_column)?)
+    }
+
+    /// The keys held by `column`; `None` for a column of a type that cannot
+    /// be a key.
+    pub fn of_column(column: &'a ArrayRef) -> Option<Self> {
         match column.data_type() {
             DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8 => {
                 Some(Self { column })

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, ArrowPrimitiveType, FixedSizeListArray, PrimitiveArray};
+use arrow::array::{Array, ArrayRef, ArrowPrimitiveType, AsArray, FixedSizeListArray, PrimitiveArray};
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt8Type, UInt16Type};
 use arrow::error::ArrowError;
@@ -140,6 +140,28 @@ pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], 
     Ok(&items.values()[..list.len() * size])
 }
 
+/// Takes the flat values of a fixed-size-list column of primitive `T`, for
+/// changing them in place. They come without a copy when the column holds
+/// the only reference to a buffer that starts at its first row, as a column
+/// built by [`build`] and not shared does; otherwise they are copied.
+pub fn into_values<T: ArrowPrimitiveType>(column: ArrayRef) -> Result<Vec<T::Native>, ArrowError> {
+    let len = values::<T>(&column)?.len();
+    let list = column.as_fixed_size_list().clone();
+    drop(column);
+    let items = {
+        let (_, _, items, _) = list.into_parts();
+        items.as_primitive::<T>().clone()
+    };
+    let (_, buffer, _) = items.into_parts();
+    match buffer.into_inner().into_vec::<T::Native>() {
+        Ok(mut values) => {
+            values.truncate(len);
+            Ok(values)
+        }
+        Err(shared) => Ok(shared.typed_data::<T::Native>()[..len].to_vec()),
+    }
+}
+
 /// Returns the float32 values of a tensor column.
 pub fn f32_values(column: &ArrayRef) -> Result<&[f32], ArrowError> {
     values::<Float32Type>(column)
@@ -181,6 +203,27 @@ pub fn build_u16(tensor: &TensorType, values: Vec<u16>) -> Result<ArrayRef, Arro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn into_values_reuses_an_unshared_buffer() {
+        let tensor = TensorType::new(ElementType::Float32, vec![2]);
+        let column = build_f32(&tensor, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let start = f32_values(&column).unwrap().as_ptr();
+        let values = into_values::<Float32Type>(column).unwrap();
+        assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(values.as_ptr(), start, "an unshared column's buffer is taken without a copy");
+
+        let shared = build_f32(&tensor, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let mut copy = into_values::<Float32Type>(shared.clone()).unwrap();
+        copy[0] = 9.0;
+        assert_eq!(f32_values(&shared).unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "a shared column is left as it was");
+
+        let sliced = shared.slice(1, 2);
+        drop(shared);
+        assert_eq!(into_values::<Float32Type>(sliced).unwrap(), [3.0, 4.0, 5.0, 6.0]);
+        let head = build_f32(&tensor, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap().slice(0, 2);
+        assert_eq!(into_values::<Float32Type>(head).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+    }
 
     #[test]
     fn field_roundtrips_shape() {

@@ -12,7 +12,8 @@
 
 mod kinds;
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::{RecordBatch, new_empty_array};
+use arrow::datatypes::{DataType, Float32Type, SchemaRef};
 
 use super::{PlanContext, Planned, Stage, StageError, reject_rows, schema_with, with_column};
 use crate::batch::{Batch, Keys, sample_indices};
@@ -77,6 +78,32 @@ impl AddNoise {
         Ok(())
     }
 
+    /// Perturbs a float32 column that the output replaces. Its values are
+    /// changed in their own buffer when nothing else holds it, which saves
+    /// a copy of the tensor data and a fresh allocation per batch.
+    fn perturb_f32_in_place(&self, mut batch: Batch) -> Result<Batch, StageError> {
+        let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
+        let samples = sample_indices(&batch.data);
+        let schema = batch.data.schema();
+        let index = schema.index_of(&self.column).expect("the planned column exists");
+        let key_index = schema.index_of(&self.key_column).expect("the key column is checked when planning");
+        let data = std::mem::replace(&mut batch.data, RecordBatch::new_empty(schema));
+        let (_, mut columns, _) = data.into_parts();
+        let column = std::mem::replace(&mut columns[index], new_empty_array(&DataType::Null));
+        let mut values = tensor::into_values::<Float32Type>(column).map_err(error)?;
+
+        let keys = Keys::of_column(&columns[key_index]).expect("the key column is checked when planning");
+        let mut problems = vec![None; samples.len()];
+        for (row, chunk) in values.chunks_exact_mut(self.tensor.len().max(1)).enumerate() {
+            if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(chunk, key, samples[row])) {
+                problems[row] = Some(reason);
+            }
+        }
+        columns[index] = tensor::build_f32(&self.tensor, values).map_err(error)?;
+        batch.data = RecordBatch::try_new(self.schema.clone(), columns).map_err(error)?;
+        Ok(reject_rows(batch, problems, &self.name, &self.key_column))
+    }
+
     /// Perturbs integer rows: each row is widened to float32, perturbed,
     /// rounded, and saturated at the type's range by `narrow`.
     fn perturb_integers<T: Copy + num_traits::Bounded + Into<f64>>(
@@ -118,6 +145,9 @@ impl Stage for AddNoise {
     }
 
     fn process(&self, mut batch: Batch) -> Result<Batch, StageError> {
+        if self.tensor.element == ElementType::Float32 && self.output == self.column {
+            return self.perturb_f32_in_place(batch);
+        }
         let data = &batch.data;
         let column = data.column_by_name(&self.column).expect("the planned column exists");
         let keys = Keys::new(data, &self.key_column).expect("the key column is checked when planning");
