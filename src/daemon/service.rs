@@ -64,8 +64,27 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
     let loaded = load(pipeline_file, seed)?;
     let SinkConfig::ArrowFile(sink) = &loaded.config.sink;
     let output_dir = sink.path.clone();
+    let new_dir = !output_dir.exists();
     // Held until the process exits: recovery removes other writers' files.
     let _lock = lock_output(&output_dir)?;
+    let started = Arc::new(AtomicBool::new(false));
+    let result = serve(pipeline_file, seed, loaded, output_dir.clone(), started.clone());
+    if result.is_err() && !started.load(Ordering::SeqCst) {
+        undo_start(&output_dir, new_dir);
+    }
+    result
+}
+
+/// Recovers the checkpoint, opens the input and the health server, and
+/// supervises the pipeline until a stop. `started` is set once the input
+/// and the server are open.
+fn serve(
+    pipeline_file: &Path,
+    seed: Option<u64>,
+    loaded: LoadedConfig,
+    output_dir: PathBuf,
+    started: Arc<AtomicBool>,
+) -> anyhow::Result<ExitCode> {
     let checkpoint = checkpoint::recover(&output_dir)?;
     tracing::info!(
         pipeline = %pipeline_file.display(),
@@ -108,6 +127,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> 
             }
             None => None,
         };
+        started.store(true, Ordering::SeqCst);
         let code = supervise(shared.clone(), loaded, input, checkpoint, control).await?;
         if let Some(server) = http_server {
             server.abort();
@@ -521,6 +541,16 @@ fn lock_output(dir: &Path) -> anyhow::Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(err)) => {
             anyhow::bail!("cannot lock {}: {err}", path.display())
         }
+    }
+}
+
+/// Removes what a daemon that could not start left behind: the lock file,
+/// and the output directory when the start created it and nothing else was
+/// written there.
+fn undo_start(dir: &Path, new_dir: bool) {
+    let _ = std::fs::remove_file(dir.join(".stochflow.lock"));
+    if new_dir {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -477,12 +477,17 @@ daemon: {{http: null}}
 
     let occupant = TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound");
     let address = occupant.local_addr().expect("the bound address is known");
-    let busy = digits_pipeline(&dirs.input, &dirs.output, address.port(), 0.1, &mlp());
-    let pipeline = write_pipeline(dirs.root.path(), "busy.yaml", &busy);
-    let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
-    assert_eq!(outcome.code, 1, "a daemon whose HTTP address is in use exits 1:\n{}", outcome.stderr);
-    assert!(outcome.stderr.contains(&address.to_string()), "the error names {address}:\n{}", outcome.stderr);
-    assert!(outcome.stderr.contains("address in use"), "the error says the address is in use:\n{}", outcome.stderr);
+    let new_output = dirs.root.path().join("never_started");
+    for output in [&dirs.output, &new_output] {
+        let busy = digits_pipeline(&dirs.input, output, address.port(), 0.1, &mlp());
+        let pipeline = write_pipeline(dirs.root.path(), "busy.yaml", &busy);
+        let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
+        assert_eq!(outcome.code, 1, "a daemon whose HTTP address is in use exits 1:\n{}", outcome.stderr);
+        assert!(outcome.stderr.contains(&address.to_string()), "the error names {address}:\n{}", outcome.stderr);
+        assert!(outcome.stderr.contains("address in use"), "the error says the address is in use:\n{}", outcome.stderr);
+        assert!(!output.join(".stochflow.lock").exists(), "a daemon that did not start leaves no lock file");
+    }
+    assert!(!new_output.exists(), "a daemon that did not start removes the output directory it created");
     drop(occupant);
 
     let busy_poll = watch.replace("poll_ms: 20", "poll_ms: 0");
