@@ -17,11 +17,11 @@ fn main() {
     let mut row = vec![0.5f32; row_len];
 
     // One warm-up row, then the timed rows.
-    noise.apply(&mut row, &mut rng.stream(b"warm-up", 0)).expect("Gaussian noise never fails");
+    noise.apply(&mut row, &[3, 64, 64], &mut rng.stream(b"warm-up", 0)).expect("Gaussian noise never fails");
     let started = Instant::now();
     for record in 0..rows {
         let key = record.to_string();
-        noise.apply(&mut row, &mut rng.stream(key.as_bytes(), 0)).expect("Gaussian noise never fails");
+        noise.apply(&mut row, &[3, 64, 64], &mut rng.stream(key.as_bytes(), 0)).expect("Gaussian noise never fails");
         std::hint::black_box(&row);
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -162,6 +162,19 @@ pub fn into_values<T: ArrowPrimitiveType>(column: ArrayRef) -> Result<Vec<T::Nat
     }
 }
 
+/// Formats the position of element `flat` of a row-major tensor of `shape`
+/// as an index counted from 0, such as `[1, 10, 20]`.
+pub fn index_text(shape: &[usize], flat: usize) -> String {
+    let mut rest = flat;
+    let mut index = vec![0; shape.len()];
+    for (slot, &size) in index.iter_mut().zip(shape).rev() {
+        let size = size.max(1);
+        *slot = rest % size;
+        rest /= size;
+    }
+    format!("{index:?}")
+}
+
 /// Returns the float32 values of a tensor column.
 pub fn f32_values(column: &ArrayRef) -> Result<&[f32], ArrowError> {
     values::<Float32Type>(column)
@@ -223,6 +236,13 @@ mod tests {
         assert_eq!(into_values::<Float32Type>(sliced).unwrap(), [3.0, 4.0, 5.0, 6.0]);
         let head = build_f32(&tensor, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap().slice(0, 2);
         assert_eq!(into_values::<Float32Type>(head).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn index_text_counts_row_major() {
+        assert_eq!(index_text(&[3, 64, 64], 4756), "[1, 10, 20]");
+        assert_eq!(index_text(&[64], 17), "[17]");
+        assert_eq!(index_text(&[2, 3], 0), "[0, 0]");
     }
 
     #[test]

@@ -311,7 +311,7 @@ impl Infer {
                         "column {:?} contains {} at index {} of the record's tensor of shape {:?}; the model input {:?} needs finite values",
                         input.column,
                         chunk[position],
-                        index_text(&input.tensor.shape, position),
+                        crate::tensor::index_text(&input.tensor.shape, position),
                         input.tensor.shape,
                         input.input
                     ));
@@ -565,30 +565,5 @@ impl Infer {
         batch.data = arrow::compute::concat_batches(&self.schema, &parts)
             .map_err(|err| StageError { stage: self.name.clone(), message: err.to_string() })?;
         Ok(batch)
-    }
-}
-
-/// Formats the position of element `flat` of a row-major tensor of `shape`
-/// as an index counted from 0, such as `[1, 10, 20]`.
-fn index_text(shape: &[usize], flat: usize) -> String {
-    let mut rest = flat;
-    let mut index = vec![0; shape.len()];
-    for (slot, &size) in index.iter_mut().zip(shape).rev() {
-        let size = size.max(1);
-        *slot = rest % size;
-        rest /= size;
-    }
-    format!("{index:?}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn index_text_counts_row_major() {
-        assert_eq!(index_text(&[3, 64, 64], 4756), "[1, 10, 20]");
-        assert_eq!(index_text(&[64], 17), "[17]");
-        assert_eq!(index_text(&[2, 3], 0), "[0, 0]");
     }
 }

@@ -164,7 +164,9 @@ fn poisson_on_negative_values_skips_record() {
     let (outcome, output) = run_yaml(dir.path(), "signed", &yaml);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert!(
-        outcome.stderr.contains("Poisson noise needs non-negative values, found -1 at value 0 of the record's tensor"),
+        outcome.stderr.contains(
+            "Poisson noise needs non-negative values, found -1 at index [0] of the record's tensor of shape [2]"
+        ),
         "{}",
         outcome.stderr
     );

@@ -71,9 +71,9 @@ impl Noise {
         }
     }
 
-    /// Perturbs one row in place. Fails only for Poisson noise on a
-    /// negative value, which has no count distribution.
-    pub fn apply(&self, values: &mut [f32], rng: &mut RecordRng) -> Result<(), String> {
+    /// Perturbs one row, a tensor of `shape`, in place. Fails only for
+    /// Poisson noise on a negative value, which has no count distribution.
+    pub fn apply(&self, values: &mut [f32], shape: &[usize], rng: &mut RecordRng) -> Result<(), String> {
         match *self {
             Noise::Gaussian { mean, std } => for_each_standard_normal(rng, values, |value, z| *value += mean + std * z),
             Noise::Uniform { low, high } => {
@@ -103,8 +103,8 @@ impl Noise {
                 for (index, value) in values.iter_mut().enumerate() {
                     if *value < 0.0 || value.is_nan() {
                         return Err(format!(
-                            "Poisson noise needs non-negative values, found {} at value {index} of the record's tensor (counting from 0)",
-                            value
+                            "Poisson noise needs non-negative values, found {value} at index {} of the record's tensor of shape {shape:?}",
+                            crate::tensor::index_text(shape, index)
                         ));
                     }
                     let rate = f64::from(*value) * scale;
@@ -129,7 +129,7 @@ mod tests {
 
     fn row(noise: Noise, values: &[f32]) -> Vec<f32> {
         let mut row = values.to_vec();
-        noise.apply(&mut row, &mut StageRng::new(1, "noise").stream(b"k", 0)).unwrap();
+        noise.apply(&mut row, &[values.len()], &mut StageRng::new(1, "noise").stream(b"k", 0)).unwrap();
         row
     }
 
@@ -148,11 +148,12 @@ mod tests {
 
     #[test]
     fn poisson_rejects_negative_values() {
-        let mut values = [1.0, -0.5];
-        let result = Noise::Poisson { scale: 10.0 }.apply(&mut values, &mut StageRng::new(1, "n").stream(b"k", 0));
+        let mut values = [1.0, 2.0, 0.0, -0.5];
+        let result =
+            Noise::Poisson { scale: 10.0 }.apply(&mut values, &[2, 2], &mut StageRng::new(1, "n").stream(b"k", 0));
         assert_eq!(
             result.unwrap_err(),
-            "Poisson noise needs non-negative values, found -0.5 at value 1 of the record's tensor (counting from 0)"
+            "Poisson noise needs non-negative values, found -0.5 at index [1, 1] of the record's tensor of shape [2, 2]"
         );
     }
 

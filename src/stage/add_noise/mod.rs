@@ -69,7 +69,7 @@ impl AddNoise {
     /// Perturbs one row of float values in place.
     fn perturb_row(&self, values: &mut [f32], key: &[u8], sample: u32) -> Result<(), String> {
         let mut rng = self.rng.stream(key, sample);
-        self.noise.apply(values, &mut rng)?;
+        self.noise.apply(values, &self.tensor.shape, &mut rng)?;
         if let Some((low, high)) = self.clip {
             for value in values.iter_mut() {
                 *value = value.clamp(low, high);
