@@ -195,12 +195,14 @@ async fn run_segment(
 ///
 /// A worker takes the next batch and its sequence number from the intake,
 /// runs it through the stages, and files the result in the order book. Then
-/// it puts the batches that are due to the outlet, unless another worker is
-/// already putting, which takes them along: a worker never waits while
-/// another writes. The window holds one permit per batch between intake and
-/// order book, so at most `concurrency + 1` batches are in the stages and
-/// the book, and at most as many more on their way to the outlet; the spare
-/// permit lets a worker that finished early start its next batch.
+/// it puts the batches that are due to the outlet. If another worker is
+/// putting already, it leaves them to that one and goes on with its next
+/// batch instead of waiting for the write.
+///
+/// The window has one permit per batch between intake and order book, so at
+/// most `concurrency + 1` batches are in the stages and the book, and at
+/// most as many more on their way to the outlet. The spare permit lets a
+/// worker that finished early start its next batch.
 struct Segment {
     stages: Vec<(Arc<dyn Stage>, tracing::Span)>,
     observer: Option<Arc<dyn StageObserver>>,
@@ -263,8 +265,8 @@ impl Segment {
     }
 
     /// Puts the due batches to the outlet, and those that become due while
-    /// it does, unless another worker holds the outlet; that worker then
-    /// puts them. Returns `false` once a channel outlet is closed or the
+    /// it does. If another worker has taken the outlet, that worker puts
+    /// them instead. Returns `false` once a channel outlet is closed or the
     /// segment halted.
     fn deliver(&self, handle: &tokio::runtime::Handle) -> Result<bool, RunError> {
         loop {

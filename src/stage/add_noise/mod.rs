@@ -78,9 +78,9 @@ impl AddNoise {
         Ok(())
     }
 
-    /// Perturbs a float32 column that the output replaces. Its values are
-    /// changed in their own buffer when nothing else holds it, which saves
-    /// a copy of the tensor data and a fresh allocation per batch.
+    /// Perturbs a float32 column that the output replaces. Its values change
+    /// in their own buffer when no other array shares it, which saves a copy
+    /// of the tensor data and a fresh allocation per batch.
     fn perturb_f32_in_place(&self, mut batch: Batch) -> Result<Batch, StageError> {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
         let samples = sample_indices(&batch.data);
