@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
 
+use crate::batch::SAMPLE_COLUMN;
 use crate::config::{ConfigError, ConfigProblem, LoadedConfig, SinkConfig};
 use crate::sink::ImageSink;
 use crate::source::{self, Source, SourceError};
@@ -106,6 +107,18 @@ pub fn plan_stages(
         };
         match stage::plan(stage_config, &context) {
             Ok((stage, output)) => {
+                if let Some(column) = overwrites_reserved(&schema, &output, &key_column) {
+                    let role = if column == key_column {
+                        "the records' keys (they seed each record's random streams and name skipped records)"
+                    } else {
+                        "the sample indices"
+                    };
+                    problems.push(ConfigProblem::new(
+                        format!("stages[{index}]"),
+                        format!("the stage writes column {column:?}, the column of {role}; choose another output name"),
+                    ));
+                    break;
+                }
                 stages.push(Arc::from(stage));
                 stage_inputs.push(schema.clone());
                 schema = output;
@@ -171,6 +184,17 @@ pub fn plan_stages(
         channel_capacity: config.runtime.channel_capacity,
         images,
     })
+}
+
+/// Returns the name of the key column, or of the sample index column, when
+/// a stage's `output` schema gives it another type: the stage wrote its own
+/// column under that name.
+fn overwrites_reserved(input: &Schema, output: &Schema, key_column: &str) -> Option<String> {
+    [key_column, SAMPLE_COLUMN]
+        .into_iter()
+        .filter_map(|name| input.field_with_name(name).ok().map(|field| (name, field)))
+        .find(|(name, field)| output.field_with_name(name).is_ok_and(|out| out.data_type() != field.data_type()))
+        .map(|(name, _)| name.to_string())
 }
 
 /// Formats an error with its causes, as "error: cause: cause".

@@ -190,6 +190,22 @@ fn unknown_key_names_its_line() {
 }
 
 #[test]
+fn output_over_key_column_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: add_noise, column: pixels, std: 0.1, output: id}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source()
+    );
+    assert_fails(dir.path(), "key_output", &yaml, &[":4:5: stages[0]", "writes column \"id\"", "records' keys"]);
+
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - {{kind: repeat, samples: 2}}\n  - {{kind: add_noise, column: pixels, std: 0.1, output: sample}}\nsink: {{kind: arrow_file, path: x.arrow}}\n",
+        digits_source()
+    );
+    assert_fails(dir.path(), "sample_output", &yaml, &["stages[1]", "writes column \"sample\"", "sample indices"]);
+}
+
+#[test]
 fn missing_model_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
