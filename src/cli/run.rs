@@ -55,6 +55,18 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
             signal_code.store(code, Ordering::Relaxed);
             signal_counters.stop.store(true, Ordering::Relaxed);
             stops.next().await;
+            let claimed = signal_counters.ending.compare_exchange(
+                runtime::RUNNING,
+                runtime::ABORTING,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if claimed.is_err() {
+                // The commit has begun: it takes an fsync and a rename, and
+                // exiting in the middle would leave the old file or the new one.
+                eprintln!("second stop signal received while the output is committed: finishing the commit");
+                return;
+            }
             // Exiting skips the sink's cleanup, so its partial file is removed here.
             let _ = std::fs::remove_file(&partial);
             eprintln!("second stop signal received: aborted, no output written");

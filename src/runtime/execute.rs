@@ -14,7 +14,7 @@
 //! segments, the rows waiting in a regrouping (less than one model batch) and
 //! the rows the sink buffers up to one record batch of the file.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -34,7 +34,15 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Set to stop reading new records; what was read is still finished.
     pub stop: AtomicBool,
+    /// Whether the output is being committed or the run aborted; the first
+    /// of the two to claim it excludes the other.
+    pub ending: AtomicU8,
 }
+
+/// Values of [`Counters::ending`].
+pub const RUNNING: u8 = 0;
+pub const COMMITTING: u8 = 1;
+pub const ABORTING: u8 = 2;
 
 /// Counts and duration of a finished run.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +130,10 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
     let output = Arc::try_unwrap(output)
         .map_err(|_| RunError::Task(String::from("the sink was still in use after the pipeline finished")))?;
     let sink = output.into_inner().map_err(|err| RunError::Task(err.to_string()))?.sink;
+    if counters.ending.compare_exchange(RUNNING, COMMITTING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        // The run is being aborted, and the process exits without output.
+        return Err(RunError::Task(String::from("the run was aborted before its output was committed")));
+    }
     let path = sink.finish()?;
     tracing::info!(path = %path.display(), "output committed");
 

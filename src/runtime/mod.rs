@@ -8,6 +8,7 @@ mod rebatch;
 
 pub use chain::{ChainOptions, Intake, Outlet, StageObserver, spawn_chain, spawn_stages};
 pub use execute::{
-    Counters, REJECTION_LOG_EVERY, REJECTION_LOG_LIMIT, RunError, Summary, execute, is_rejection_logged,
+    ABORTING, COMMITTING, Counters, REJECTION_LOG_EVERY, REJECTION_LOG_LIMIT, RUNNING, RunError, Summary, execute,
+    is_rejection_logged,
 };
 pub use plan::{Pipeline, PlanError, PlannedStages, error_chain, plan, plan_stages};
