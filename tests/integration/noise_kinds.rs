@@ -165,7 +165,7 @@ fn poisson_on_negative_values_skips_record() {
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert!(
         outcome.stderr.contains(
-            "Poisson noise needs non-negative values, found -1 at index [0] of the record's tensor of shape [2]"
+            "Poisson noise needs finite, non-negative values, found -1 at index [0] of the record's tensor of shape [2]"
         ),
         "{}",
         outcome.stderr

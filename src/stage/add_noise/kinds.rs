@@ -75,6 +75,9 @@ impl Noise {
     /// Poisson noise on a negative value, which has no count distribution.
     pub fn apply(&self, values: &mut [f32], shape: &[usize], rng: &mut RecordRng) -> Result<(), String> {
         match *self {
+            // Adding +0.0 would turn -0.0 into +0.0, so zero noise leaves
+            // the values as they are, bit for bit.
+            Noise::Gaussian { mean, std } if mean == 0.0 && std == 0.0 => {}
             Noise::Gaussian { mean, std } => for_each_standard_normal(rng, values, |value, z| *value += mean + std * z),
             Noise::Uniform { low, high } => {
                 for value in values {
@@ -101,9 +104,9 @@ impl Noise {
             }
             Noise::Poisson { scale } => {
                 for (index, value) in values.iter_mut().enumerate() {
-                    if *value < 0.0 || value.is_nan() {
+                    if !(*value >= 0.0 && value.is_finite()) {
                         return Err(format!(
-                            "Poisson noise needs non-negative values, found {value} at index {} of the record's tensor of shape {shape:?}",
+                            "Poisson noise needs finite, non-negative values, found {value} at index {} of the record's tensor of shape {shape:?}",
                             crate::tensor::index_text(shape, index)
                         ));
                     }
@@ -116,6 +119,7 @@ impl Noise {
                     };
                 }
             }
+            Noise::Speckle { std } if std == 0.0 => {}
             Noise::Speckle { std } => for_each_standard_normal(rng, values, |value, z| *value += *value * std * z),
         }
         Ok(())
@@ -135,15 +139,15 @@ mod tests {
 
     #[test]
     fn zero_rates_are_identity() {
-        let values = [0.25, -1.0, 3.5];
-        assert_eq!(row(Noise::Dropout { rate: 0.0 }, &values), values);
-        assert_eq!(row(Noise::Multiplicative { std: 0.0 }, &values), values);
-        assert_eq!(row(Noise::Speckle { std: 0.0 }, &values), values);
-        assert_eq!(row(Noise::Gaussian { mean: 0.0, std: 0.0 }, &values), values);
-        assert_eq!(
-            row(Noise::SaltAndPepper { amount: 0.0, salt_fraction: 0.5, salt: 1.0, pepper: 0.0 }, &values),
-            values
-        );
+        let values = [0.25, -1.0, 3.5, -0.0];
+        let bits = |row: Vec<f32>| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let expected = bits(values.to_vec());
+        assert_eq!(bits(row(Noise::Dropout { rate: 0.0 }, &values)), expected);
+        assert_eq!(bits(row(Noise::Multiplicative { std: 0.0 }, &values)), expected);
+        assert_eq!(bits(row(Noise::Speckle { std: 0.0 }, &values)), expected);
+        assert_eq!(bits(row(Noise::Gaussian { mean: 0.0, std: 0.0 }, &values)), expected);
+        let salt_and_pepper = Noise::SaltAndPepper { amount: 0.0, salt_fraction: 0.5, salt: 1.0, pepper: 0.0 };
+        assert_eq!(bits(row(salt_and_pepper, &values)), expected);
     }
 
     #[test]
@@ -153,7 +157,13 @@ mod tests {
             Noise::Poisson { scale: 10.0 }.apply(&mut values, &[2, 2], &mut StageRng::new(1, "n").stream(b"k", 0));
         assert_eq!(
             result.unwrap_err(),
-            "Poisson noise needs non-negative values, found -0.5 at index [1, 1] of the record's tensor of shape [2, 2]"
+            "Poisson noise needs finite, non-negative values, found -0.5 at index [1, 1] of the record's tensor of shape [2, 2]"
+        );
+        let mut values = [1.0, f32::INFINITY];
+        let result = Noise::Poisson { scale: 1.0 }.apply(&mut values, &[2], &mut StageRng::new(1, "n").stream(b"k", 0));
+        assert_eq!(
+            result.unwrap_err(),
+            "Poisson noise needs finite, non-negative values, found inf at index [1] of the record's tensor of shape [2]"
         );
     }
 
