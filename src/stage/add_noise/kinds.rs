@@ -119,7 +119,7 @@ impl Noise {
                     };
                 }
             }
-            Noise::Speckle { std } if std == 0.0 => {}
+            Noise::Speckle { std: 0.0 } => {}
             Noise::Speckle { std } => for_each_standard_normal(rng, values, |value, z| *value += *value * std * z),
         }
         Ok(())
