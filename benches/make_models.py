@@ -52,9 +52,11 @@ def build_mlp_heavy(path):
 
 def write_npy(path, shape, make):
     if path.exists():
-        existing = np.load(path, mmap_mode="r")
-        if existing.shape == shape:
-            return
+        try:
+            if np.load(path, mmap_mode="r").shape == shape:
+                return
+        except (ValueError, OSError):
+            pass  # unreadable, for example cut short by an interrupted run: written again
     # Written in chunks so the peak memory stays small.
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     rng = np.random.default_rng(7)
@@ -68,9 +70,11 @@ def write_npy(path, shape, make):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--records-scale", type=float, default=1.0)
+    parser.add_argument("out", type=Path, help="folder to write into")
+    parser.add_argument("--records-scale", type=float, default=1.0, help="factor on the records per file (default 1)")
     args = parser.parse_args()
+    if not args.records_scale > 0:
+        parser.error(f"--records-scale must be above 0, got {args.records_scale}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     heavy = args.out / "mlp_heavy.onnx"
@@ -79,9 +83,10 @@ def main():
     scale = args.records_scale
     uniform = lambda rng, shape: rng.random(shape, dtype=np.float32)
     normal = lambda rng, shape: rng.standard_normal(shape, dtype=np.float32)
-    write_npy(args.out / "digits.npy", (int(2_000_000 * scale), 64), uniform)
-    write_npy(args.out / "conv.npy", (int(20_000 * scale), 3, 64, 64), uniform)
-    write_npy(args.out / "heavy.npy", (int(60_000 * scale), 512), normal)
+    records = lambda base: max(1, int(base * scale))
+    write_npy(args.out / "digits.npy", (records(2_000_000), 64), uniform)
+    write_npy(args.out / "conv.npy", (records(20_000), 3, 64, 64), uniform)
+    write_npy(args.out / "heavy.npy", (records(60_000), 512), normal)
     print(f"models and data in {os.fspath(args.out)}")
 
 
