@@ -33,6 +33,12 @@ struct TopLevel {
 /// error that serde locates itself; `Err(Err(problems))` lists section
 /// errors by path.
 pub fn parse(text: &str) -> Result<PipelineConfig, Result<String, Vec<ConfigProblem>>> {
+    // serde gives no position for an unknown top-level key, so those are
+    // found here and reported by path, which the loader locates.
+    let unknown = unknown_top_level_keys(text);
+    if !unknown.is_empty() {
+        return Err(Err(unknown));
+    }
     let top: TopLevel = serde_yaml_ng::from_str(text).map_err(|err| Ok(plain_types(&err.to_string())))?;
     let mut problems = Vec::new();
 
@@ -56,6 +62,20 @@ pub fn parse(text: &str) -> Result<PipelineConfig, Result<String, Vec<ConfigProb
         }
         _ => Err(Err(problems)),
     }
+}
+
+/// Keys that may appear at the top of a pipeline file.
+const TOP_LEVEL_KEYS: [&str; 6] = ["seed", "source", "stages", "sink", "runtime", "daemon"];
+
+/// Returns a problem for each top-level key that is not a pipeline section.
+fn unknown_top_level_keys(text: &str) -> Vec<ConfigProblem> {
+    let Ok(Value::Mapping(map)) = serde_yaml_ng::from_str::<Value>(text) else { return Vec::new() };
+    let expected = TOP_LEVEL_KEYS.map(|key| format!("`{key}`")).join(", ");
+    map.keys()
+        .filter_map(|key| key.as_str())
+        .filter(|key| !TOP_LEVEL_KEYS.contains(key))
+        .map(|key| ConfigProblem::new(key.to_string(), format!("unknown field `{key}`, expected one of {expected}")))
+        .collect()
 }
 
 /// Most problems reported for one section. After each, the failing key is

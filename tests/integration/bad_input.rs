@@ -206,6 +206,16 @@ fn output_over_key_column_is_rejected() {
 }
 
 #[test]
+fn unknown_top_level_key_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages: []\nsink: {{kind: arrow_file, path: x.arrow}}\nruntim: {{}}\n",
+        digits_source()
+    );
+    assert_fails(dir.path(), "top_key", &yaml, &[":5:1: runtim: unknown field `runtim`, expected one of `seed`"]);
+}
+
+#[test]
 fn missing_model_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
