@@ -15,6 +15,7 @@ that already exist with the right shape are kept, so reruns are quick.
 """
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def main():
     parser.add_argument("out", type=Path, help="folder to write into")
     parser.add_argument("--records-scale", type=float, default=1.0, help="factor on the records per file (default 1)")
     args = parser.parse_args()
-    if not args.records_scale > 0:
-        parser.error(f"--records-scale must be above 0, got {args.records_scale}")
+    if not (args.records_scale > 0 and math.isfinite(args.records_scale)):
+        parser.error(f"--records-scale must be a finite number above 0, got {args.records_scale}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     heavy = args.out / "mlp_heavy.onnx"

@@ -15,6 +15,7 @@ Without --reference, the Python columns are left out.
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -132,8 +133,8 @@ def main():
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not args.records_scale > 0:
-        parser.error(f"--records-scale must be above 0, got {args.records_scale}")
+    if not (args.records_scale > 0 and math.isfinite(args.records_scale)):
+        parser.error(f"--records-scale must be a finite number above 0, got {args.records_scale}")
     if args.reference and not args.reference.is_file():
         parser.error(f"--reference {args.reference} is not a file; give the path of the reference pipeline script")
     work = args.work

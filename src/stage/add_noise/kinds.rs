@@ -85,6 +85,9 @@ impl Noise {
                     *value += low + (high - low) * u;
                 }
             }
+            // Multiplying by 1.0 would quiet a signalling NaN, so zero
+            // noise skips the values.
+            Noise::Multiplicative { std: 0.0 } | Noise::Dropout { rate: 0.0 } => {}
             Noise::Multiplicative { std } => for_each_standard_normal(rng, values, |value, z| *value *= 1.0 + std * z),
             Noise::Dropout { rate } => {
                 let keep_scale = 1.0 / (1.0 - rate);
@@ -139,7 +142,7 @@ mod tests {
 
     #[test]
     fn zero_rates_are_identity() {
-        let values = [0.25, -1.0, 3.5, -0.0];
+        let values = [0.25, -1.0, 3.5, -0.0, f32::from_bits(0x7f80_0001)];
         let bits = |row: Vec<f32>| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let expected = bits(values.to_vec());
         assert_eq!(bits(row(Noise::Dropout { rate: 0.0 }, &values)), expected);
