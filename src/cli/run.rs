@@ -62,8 +62,9 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
                 Ordering::SeqCst,
             );
             if claimed.is_err() {
-                // The commit has begun: it takes an fsync and a rename, and
-                // exiting in the middle would leave the old file or the new one.
+                // The commit has begun, and it is short: an fsync and a rename.
+                // Exiting in its middle would leave the old file or the new one,
+                // and no message could say which.
                 eprintln!("second stop signal received while the output is committed: finishing the commit");
                 return;
             }

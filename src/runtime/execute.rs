@@ -34,7 +34,7 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Set to stop reading new records; what was read is still finished.
     pub stop: AtomicBool,
-    /// Whether the output is being committed or the run aborted; the first
+    /// Whether the output is being committed or the run aborted. The first
     /// of the two to claim it excludes the other.
     pub ending: AtomicU8,
 }
