@@ -10,7 +10,9 @@
 //! run. When a run fails, the batch is retried record by record, so that only
 //! the records that fail are rejected.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use arrow::array::{ArrayRef, Int64Array};
@@ -59,25 +61,59 @@ pub struct Infer {
 }
 
 /// Sessions shared by the worker threads; each run takes one for itself.
-struct SessionPool {
-    idle: Mutex<Vec<Session>>,
+/// A thread takes the session it ran last when that one is free, so with as
+/// many sessions as threads each keeps its own, and the session's buffers
+/// stay in the caches of the core that thread runs on.
+struct SessionPool<S = Session> {
+    /// Identifies the pool in the threads' preferences.
+    id: u64,
+    /// Free sessions, with their slot numbers.
+    idle: Mutex<Vec<(usize, S)>>,
     returned: Condvar,
     size: usize,
 }
 
-impl SessionPool {
-    fn run<T>(&self, work: impl FnOnce(&mut Session) -> T) -> T {
-        let mut session = {
+/// Source of [`SessionPool::id`].
+static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The slot of the session this thread ran last, for each pool.
+    static LAST_SLOT: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl<S> SessionPool<S> {
+    fn new(sessions: Vec<S>) -> Self {
+        let size = sessions.len();
+        Self {
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
+            idle: Mutex::new(sessions.into_iter().enumerate().collect()),
+            returned: Condvar::new(),
+            size,
+        }
+    }
+
+    fn run<T>(&self, work: impl FnOnce(&mut S) -> T) -> T {
+        let last =
+            LAST_SLOT.with(|last| last.borrow().iter().find(|(pool, _)| *pool == self.id).map(|&(_, slot)| slot));
+        let (slot, mut session) = {
             let mut idle = self.idle.lock().expect("a session pool lock is never poisoned by its users");
             loop {
-                if let Some(session) = idle.pop() {
-                    break session;
+                let own = idle.iter().position(|&(slot, _)| Some(slot) == last);
+                if let Some(position) = own.or_else(|| idle.len().checked_sub(1)) {
+                    break idle.swap_remove(position);
                 }
                 idle = self.returned.wait(idle).expect("a session pool lock is never poisoned by its users");
             }
         };
         let result = work(&mut session);
-        self.idle.lock().expect("a session pool lock is never poisoned by its users").push(session);
+        if last != Some(slot) {
+            LAST_SLOT.with(|last| {
+                let mut last = last.borrow_mut();
+                last.retain(|(pool, _)| *pool != self.id);
+                last.push((self.id, slot));
+            });
+        }
+        self.idle.lock().expect("a session pool lock is never poisoned by its users").push((slot, session));
         self.returned.notify_one();
         result
     }
@@ -188,7 +224,7 @@ impl Infer {
         let stage = Self {
             name,
             model_sha256: model.sha256.clone(),
-            pool: SessionPool { idle: Mutex::new(sessions), returned: Condvar::new(), size: session_count },
+            pool: SessionPool::new(sessions),
             batch_size,
             columns,
             constants: config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -565,5 +601,38 @@ impl Infer {
         batch.data = arrow::compute::concat_batches(&self.schema, &parts)
             .map_err(|err| StageError { stage: self.name.clone(), message: err.to_string() })?;
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_threads_keep_their_sessions() {
+        // Each session counts its runs and remembers the thread of the last.
+        let pool = SessionPool::new(vec![(0u32, None), (0u32, None)]);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    let me = std::thread::current().id();
+                    let mut switches = 0;
+                    for _ in 0..200 {
+                        pool.run(|(runs, last): &mut (u32, Option<std::thread::ThreadId>)| {
+                            *runs += 1;
+                            if last.is_some_and(|last| last != me) {
+                                switches += 1;
+                            }
+                            *last = Some(me);
+                            // Long enough that the two threads' runs overlap.
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        });
+                    }
+                    assert!(switches <= 4, "a thread took the other thread's session {switches} times");
+                });
+            }
+        });
+        let idle = pool.idle.into_inner().unwrap();
+        assert_eq!(idle.iter().map(|(_, (runs, _))| runs).sum::<u32>(), 400);
     }
 }
