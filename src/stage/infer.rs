@@ -61,24 +61,31 @@ pub struct Infer {
 }
 
 /// Sessions shared by the worker threads; each run takes one for itself.
-/// A thread takes the session it ran last when that one is free, so with as
-/// many sessions as threads each keeps its own, and the session's buffers
-/// stay in the caches of the core that thread runs on.
+/// The first threads to run each own a session and take it whenever it is
+/// free, so with as many sessions as threads each keeps its own, and a
+/// session's buffers stay in the caches of the core its thread runs on.
 struct SessionPool<S = Session> {
-    /// Identifies the pool in the threads' preferences.
+    /// Identifies the pool in the threads' records of their sessions.
     id: u64,
-    /// Free sessions, with their slot numbers.
-    idle: Mutex<Vec<(usize, S)>>,
+    free: Mutex<Free<S>>,
     returned: Condvar,
     size: usize,
+}
+
+struct Free<S> {
+    /// Free sessions, with their slot numbers.
+    sessions: Vec<(usize, S)>,
+    /// Slots given to threads as their own so far: slots `0..owned`.
+    owned: usize,
 }
 
 /// Source of [`SessionPool::id`].
 static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// The slot of the session this thread ran last, for each pool.
-    static LAST_SLOT: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
+    /// The slot this thread owns in each pool it ran in; `None` when the
+    /// pool had none left to give.
+    static OWN_SLOT: RefCell<Vec<(u64, Option<usize>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl<S> SessionPool<S> {
@@ -86,34 +93,32 @@ impl<S> SessionPool<S> {
         let size = sessions.len();
         Self {
             id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
-            idle: Mutex::new(sessions.into_iter().enumerate().collect()),
+            free: Mutex::new(Free { sessions: sessions.into_iter().enumerate().collect(), owned: 0 }),
             returned: Condvar::new(),
             size,
         }
     }
 
     fn run<T>(&self, work: impl FnOnce(&mut S) -> T) -> T {
-        let last =
-            LAST_SLOT.with(|last| last.borrow().iter().find(|(pool, _)| *pool == self.id).map(|&(_, slot)| slot));
+        let known = OWN_SLOT.with(|own| own.borrow().iter().find(|(pool, _)| *pool == self.id).map(|&(_, slot)| slot));
         let (slot, mut session) = {
-            let mut idle = self.idle.lock().expect("a session pool lock is never poisoned by its users");
+            let mut free = self.free.lock().expect("a session pool lock is never poisoned by its users");
+            let own = known.unwrap_or_else(|| {
+                let slot = (free.owned < self.size).then_some(free.owned);
+                free.owned += usize::from(slot.is_some());
+                OWN_SLOT.with(|own| own.borrow_mut().push((self.id, slot)));
+                slot
+            });
             loop {
-                let own = idle.iter().position(|&(slot, _)| Some(slot) == last);
-                if let Some(position) = own.or_else(|| idle.len().checked_sub(1)) {
-                    break idle.swap_remove(position);
+                let position = free.sessions.iter().position(|&(slot, _)| Some(slot) == own);
+                if let Some(position) = position.or_else(|| free.sessions.len().checked_sub(1)) {
+                    break free.sessions.swap_remove(position);
                 }
-                idle = self.returned.wait(idle).expect("a session pool lock is never poisoned by its users");
+                free = self.returned.wait(free).expect("a session pool lock is never poisoned by its users");
             }
         };
         let result = work(&mut session);
-        if last != Some(slot) {
-            LAST_SLOT.with(|last| {
-                let mut last = last.borrow_mut();
-                last.retain(|(pool, _)| *pool != self.id);
-                last.push((self.id, slot));
-            });
-        }
-        self.idle.lock().expect("a session pool lock is never poisoned by its users").push((slot, session));
+        self.free.lock().expect("a session pool lock is never poisoned by its users").sessions.push((slot, session));
         self.returned.notify_one();
         result
     }
@@ -610,29 +615,29 @@ mod tests {
 
     #[test]
     fn pool_threads_keep_their_sessions() {
-        // Each session counts its runs and remembers the thread of the last.
+        // Two threads take turns; each session remembers the thread of its
+        // last run and counts the runs of another thread after it.
         let pool = SessionPool::new(vec![(0u32, None), (0u32, None)]);
+        let turns = std::sync::Barrier::new(2);
         std::thread::scope(|scope| {
-            for _ in 0..2 {
-                scope.spawn(|| {
+            for index in 0..2 {
+                let (pool, turns) = (&pool, &turns);
+                scope.spawn(move || {
                     let me = std::thread::current().id();
-                    let mut switches = 0;
-                    for _ in 0..200 {
-                        pool.run(|(runs, last): &mut (u32, Option<std::thread::ThreadId>)| {
-                            *runs += 1;
-                            if last.is_some_and(|last| last != me) {
-                                switches += 1;
-                            }
-                            *last = Some(me);
-                            // Long enough that the two threads' runs overlap.
-                            std::thread::sleep(std::time::Duration::from_micros(50));
-                        });
+                    for round in 0..100 {
+                        turns.wait();
+                        if round % 2 == index {
+                            pool.run(|(switches, last): &mut (u32, Option<std::thread::ThreadId>)| {
+                                *switches += u32::from(last.is_some_and(|last| last != me));
+                                *last = Some(me);
+                            });
+                        }
                     }
-                    assert!(switches <= 4, "a thread took the other thread's session {switches} times");
                 });
             }
         });
-        let idle = pool.idle.into_inner().unwrap();
-        assert_eq!(idle.iter().map(|(_, (runs, _))| runs).sum::<u32>(), 400);
+        let free = pool.free.into_inner().unwrap();
+        assert_eq!(free.sessions.len(), 2);
+        assert!(free.sessions.iter().all(|(_, (switches, _))| *switches == 0), "a thread took the other's session");
     }
 }
