@@ -62,7 +62,7 @@ pub struct Infer {
 
 /// Sessions shared by the worker threads; each run takes one for itself.
 /// The first threads to run each own a session and take it whenever it is
-/// free, so with as many sessions as threads each keeps its own, and a
+/// free. With as many sessions as threads, each thread keeps its own, so a
 /// session's buffers stay in the caches of the core its thread runs on.
 struct SessionPool<S = Session> {
     /// Identifies the pool in the threads' records of their sessions.
@@ -615,7 +615,7 @@ mod tests {
 
     #[test]
     fn pool_threads_keep_their_sessions() {
-        // Two threads take turns; each session remembers the thread of its
+        // Two threads take turns. Each session remembers the thread of its
         // last run and counts the runs of another thread after it.
         let pool = SessionPool::new(vec![(0u32, None), (0u32, None)]);
         let turns = std::sync::Barrier::new(2);
