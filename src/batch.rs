@@ -88,8 +88,8 @@ impl<'a> Keys<'a> {
         Self::of_column(batch.column_by_name(key_column)?)
     }
 
-    /// The keys held by `column`; `None` for a column of a type that cannot
-    /// be a key.
+    /// Returns the keys in `column`, or `None` when its type cannot be a
+    /// key.
     pub fn of_column(column: &'a ArrayRef) -> Option<Self> {
         match column.data_type() {
             DataType::Int64 | DataType::Int32 | DataType::UInt64 | DataType::Utf8 | DataType::LargeUtf8 => {

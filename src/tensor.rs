@@ -142,8 +142,8 @@ pub fn values<T: ArrowPrimitiveType>(column: &ArrayRef) -> Result<&[T::Native], 
 
 /// Takes the flat values of a fixed-size-list column of primitive `T`, for
 /// changing them in place. A column built by [`build`] and not shared gives
-/// its own buffer, and so does a slice of one that starts at its first row.
-/// Any other column gives a copy.
+/// its own buffer, as does its slice from the first row. Any other column
+/// gives a copy.
 pub fn into_values<T: ArrowPrimitiveType>(column: ArrayRef) -> Result<Vec<T::Native>, ArrowError> {
     let len = values::<T>(&column)?.len();
     let list = column.as_fixed_size_list().clone();

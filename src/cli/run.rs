@@ -64,7 +64,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
             if claimed.is_err() {
                 // The commit has begun, and it is short: an fsync and a rename.
                 // Exiting in its middle would leave the old file or the new one,
-                // and no message could say which.
+                // and the message could not tell which.
                 eprintln!("second stop signal received while the output is committed: finishing the commit");
                 return;
             }

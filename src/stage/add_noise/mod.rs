@@ -78,18 +78,23 @@ impl AddNoise {
         Ok(())
     }
 
-    /// Perturbs a float32 column that the output replaces. Its values change
-    /// in their own buffer when no other array shares it, which saves a copy
-    /// of the tensor data and a fresh allocation per batch.
-    fn perturb_f32_in_place(&self, mut batch: Batch) -> Result<Batch, StageError> {
+    /// Perturbs a float32 column. When the output replaces the column and
+    /// no other array shares its buffer, the values change in that buffer,
+    /// which saves a copy of the tensor data and an allocation per batch.
+    fn perturb_f32(&self, mut batch: Batch) -> Result<Batch, StageError> {
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
         let samples = sample_indices(&batch.data);
         let schema = batch.data.schema();
         let index = schema.index_of(&self.column).expect("the planned column exists");
         let key_index = schema.index_of(&self.key_column).expect("the key column is checked when planning");
-        let data = std::mem::replace(&mut batch.data, RecordBatch::new_empty(schema));
+        let replaces = self.output == self.column;
+        let data = std::mem::replace(&mut batch.data, RecordBatch::new_empty(schema.clone()));
         let (_, mut columns, _) = data.into_parts();
-        let column = std::mem::replace(&mut columns[index], new_empty_array(&DataType::Null));
+        let column = if replaces {
+            std::mem::replace(&mut columns[index], new_empty_array(&DataType::Null))
+        } else {
+            columns[index].clone()
+        };
         let mut values = tensor::into_values::<Float32Type>(column).map_err(error)?;
 
         let keys = Keys::of_column(&columns[key_index]).expect("the key column is checked when planning");
@@ -99,8 +104,14 @@ impl AddNoise {
                 problems[row] = Some(reason);
             }
         }
-        columns[index] = tensor::build_f32(&self.tensor, values).map_err(error)?;
-        batch.data = RecordBatch::try_new(self.schema.clone(), columns).map_err(error)?;
+        let noisy = tensor::build_f32(&self.tensor, values).map_err(error)?;
+        batch.data = if replaces {
+            columns[index] = noisy;
+            RecordBatch::try_new(self.schema.clone(), columns).map_err(error)?
+        } else {
+            let data = RecordBatch::try_new(schema, columns).map_err(error)?;
+            with_column(&data, &self.schema, &self.output, noisy)
+        };
         Ok(reject_rows(batch, problems, &self.name, &self.key_column))
     }
 
@@ -145,32 +156,18 @@ impl Stage for AddNoise {
     }
 
     fn process(&self, mut batch: Batch) -> Result<Batch, StageError> {
-        if self.tensor.element == ElementType::Float32 && self.output == self.column {
-            return self.perturb_f32_in_place(batch);
+        if self.tensor.element == ElementType::Float32 {
+            return self.perturb_f32(batch);
         }
         let data = &batch.data;
         let column = data.column_by_name(&self.column).expect("the planned column exists");
         let keys = Keys::new(data, &self.key_column).expect("the key column is checked when planning");
         let samples = sample_indices(data);
-        let row_len = self.tensor.len();
         let mut problems = vec![None; data.num_rows()];
         let error = |err: arrow::error::ArrowError| StageError { stage: self.name.clone(), message: err.to_string() };
 
         let noisy = match self.tensor.element {
-            ElementType::Float32 => {
-                // Copied row by row, so each row is perturbed while it is in cache.
-                let source = tensor::f32_values(column).map_err(error)?;
-                let mut values = Vec::with_capacity(source.len());
-                for (row, chunk) in source.chunks_exact(row_len.max(1)).enumerate() {
-                    let start = values.len();
-                    values.extend_from_slice(chunk);
-                    let target = &mut values[start..];
-                    if let Err(reason) = keys.with_bytes(row, |key| self.perturb_row(target, key, samples[row])) {
-                        problems[row] = Some(reason);
-                    }
-                }
-                tensor::build_f32(&self.tensor, values)
-            }
+            ElementType::Float32 => unreachable!("float32 columns are perturbed by perturb_f32"),
             ElementType::UInt8 => {
                 let source = tensor::u8_values(column).map_err(error)?;
                 let values = self.perturb_integers(source, |v| v as u8, &keys, &samples, &mut problems);
