@@ -62,8 +62,14 @@ def pipeline_yaml(case, work, input_path, records_note=""):
     }[case["kind"]] % {"model": json.dumps(str(case["model"])), "batch": case["batch"]}
     stages = stages.replace(f"batch_size: {case['batch']}}}", f"batch_size: {case['batch']}{case.get('infer_extra', '')}}}", 1)
     columns = "[ordinal, y]" if case["kind"] == "heavy" else "[ordinal, class]"
+    if case.get("synthesized"):
+        # Records drawn from N(0, 1), as the Python reference does without --input.
+        source = (f"{{kind: latent, records: {case['synthesized']}, shape: [3, 64, 64], column: x, prior: normal, "
+                  f"batch_size: {case['batch']}}}")
+    else:
+        source = f"{{kind: npy, path: {json.dumps(str(input_path))}, column: x, batch_size: {case['batch']}}}"
     text = (
-        f"seed: 1\nsource: {{kind: npy, path: {json.dumps(str(input_path))}, column: x, batch_size: {case['batch']}}}\n"
+        f"seed: 1\nsource: {source}\n"
         f"stages:{stages}\nsink: {{kind: arrow_file, path: {json.dumps(str(work / 'stochflow.arrow'))}, columns: {columns}}}\n"
     )
     path = work / f"{case['name']}.yaml"
@@ -116,7 +122,11 @@ def ort_rate(ort_loop, case, input_path, sessions, threads):
 
 def python_rate(reference, case, input_path, work):
     mode = "noise" if case["kind"] == "heavy" else "sample"
-    out = run([sys.executable, reference, "--model", case["model"], "--input", input_path, "--records", "100000000",
+    if case.get("synthesized"):
+        records = ["--records", str(case["synthesized"])]
+    else:
+        records = ["--input", input_path, "--records", "100000000"]
+    out = run([sys.executable, reference, "--model", case["model"], *records,
                "--batch", str(case["batch"]), "--mode", mode, "--no-spin", "--out", work / "python.arrow"])
     line = next(l for l in out.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])["records_per_s"]
@@ -159,6 +169,12 @@ def main():
         {"name": f"{kind}_b{batch}", "kind": kind, "batch": batch, "model": models[kind]}
         for kind in ("heavy", "digits", "conv") for batch in (64, 256)
     ]
+    # The conv pipeline on records drawn from N(0, 1) instead of read from a
+    # file: the Python reference's own default, where numpy draws every
+    # record as well as its noise.
+    for batch in (64, 256):
+        cases.append({"name": f"conv_b{batch}_synthesized", "kind": "conv", "batch": batch, "model": models["conv"],
+                      "synthesized": max(1, int(20_000 * args.records_scale))})
     # stochflow's default parallelism (sessions per core, threads shared
     # among them) against one session with ONNX Runtime's default threads,
     # the bare loop's own session options.

@@ -18,7 +18,7 @@ use super::prior::Prior;
 use super::{ORDINAL_COLUMN, Source, SourceError};
 use crate::batch::Batch;
 use crate::config::{FRACTION_COLUMN, InterpolationMethod, LatentSourceConfig, PATH_COLUMN, STEP_COLUMN};
-use crate::rng::StageRng;
+use crate::rng::{RecordRng, StageRng};
 use crate::tensor::{self, ElementType, TensorType};
 
 pub struct LatentSource {
@@ -36,6 +36,8 @@ pub struct LatentSource {
     schema: SchemaRef,
     /// The endpoints of the path read last, since consecutive records share them.
     endpoints: Option<(u64, Vec<f64>, Vec<f64>)>,
+    /// Room for one interpolated record before rounding.
+    point: Vec<f64>,
 }
 
 impl LatentSource {
@@ -69,23 +71,37 @@ impl LatentSource {
             batch_size: config.batch_size,
             schema: Arc::new(Schema::new(fields)),
             endpoints: None,
+            point: Vec::new(),
         })
     }
 
     /// Fills `out` with draws from the start of the stream of `key`.
     fn draw(&self, key: u64, out: &mut [f64]) {
-        let mut rng = self.rng.stream(key.to_string().as_bytes(), 0);
-        for value in out.iter_mut() {
-            *value = self.prior.draw(&mut rng);
-        }
+        self.prior.draw(&mut self.stream(key), out);
     }
 
-    /// Writes the latent values of record `ordinal` into `out`.
-    fn record(&mut self, ordinal: u64, out: &mut [f64]) {
+    fn stream(&self, key: u64) -> RecordRng {
+        self.rng.stream(key.to_string().as_bytes(), 0)
+    }
+
+    /// Writes the latent values of record `ordinal` into `out`, rounded to
+    /// float32.
+    fn record(&mut self, ordinal: u64, out: &mut [f32]) {
         let Some((steps, method)) = self.interpolation else {
-            self.draw(ordinal, out);
+            self.prior.draw_narrow(&mut self.stream(ordinal), out);
             return;
         };
+        let mut point = std::mem::take(&mut self.point);
+        point.resize(out.len(), 0.0);
+        self.interpolated(ordinal, steps, method, &mut point);
+        for (value, &p) in out.iter_mut().zip(&point) {
+            *value = self.prior.narrow(p);
+        }
+        self.point = point;
+    }
+
+    /// Writes the point of record `ordinal` on its path into `out`.
+    fn interpolated(&mut self, ordinal: u64, steps: u64, method: InterpolationMethod, out: &mut [f64]) {
         let (path, step) = (ordinal / steps, ordinal % steps);
         if self.endpoints.as_ref().is_none_or(|(cached, ..)| *cached != path) {
             let len = self.tensor.len();
@@ -124,11 +140,9 @@ impl Source for LatentSource {
         let count = (self.batch_size as u64).min(self.total - self.next);
         let ordinals = self.next..self.next + count;
         let len = self.tensor.len();
-        let mut values = Vec::with_capacity(count as usize * len);
-        let mut row = vec![0.0; len];
-        for ordinal in ordinals.clone() {
-            self.record(ordinal, &mut row);
-            values.extend(row.iter().map(|&v| self.prior.narrow(v)));
+        let mut values = vec![0f32; count as usize * len];
+        for (ordinal, row) in ordinals.clone().zip(values.chunks_exact_mut(len)) {
+            self.record(ordinal, row);
         }
 
         let mut columns: Vec<ArrayRef> =
