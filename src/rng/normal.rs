@@ -12,6 +12,8 @@ use std::sync::LazyLock;
 
 use rand::Rng;
 
+use super::RecordRng;
+
 const LAYERS: usize = 256;
 /// Start of the tail: the right edge of the base layer.
 const TAIL_START: f64 = 3.654_152_885_361_009;
@@ -55,7 +57,7 @@ static TABLES: LazyLock<Tables> = LazyLock::new(|| {
 });
 
 /// Fills `out` with standard normal draws from `rng`.
-pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
+pub fn fill_standard_normal(rng: &mut RecordRng, out: &mut [f32]) {
     for_each_standard_normal(rng, out, |value, z| *value = z);
 }
 
@@ -63,30 +65,128 @@ pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
 /// order, and applies `update` to the element and its draw. The draws are
 /// those of [`fill_standard_normal`], and updating in the same pass saves a
 /// buffer of draws.
-pub fn for_each_standard_normal<R: Rng + ?Sized>(
-    rng: &mut R,
+pub fn for_each_standard_normal(rng: &mut RecordRng, values: &mut [f32], update: impl FnMut(&mut f32, f32)) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { draw_avx2(rng, values, update) };
+        return;
+    }
+    draw_chunks(rng, values, update, fast_path_portable);
+}
+
+/// Runs [`draw_chunks`] compiled for AVX2, with the fast path in AVX2
+/// instructions. Its draws are bit for bit those of the portable code: the
+/// same integer and float32 operations, in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn draw_avx2(rng: &mut RecordRng, values: &mut [f32], update: impl FnMut(&mut f32, f32)) {
+    draw_chunks(rng, values, update, |tables, words, draws| fast_path_avx2(tables, words, draws));
+}
+
+/// Words per chunk: a chunk's flags of rejected draws fit in a `u64`.
+const CHUNK: usize = 64;
+
+/// Draws the values chunk by chunk. A chunk takes its words from the stream
+/// first, and the fast path computes every draw it accepts. The draws it
+/// rejects then take their extra uniforms from the stream, in order.
+#[inline(always)]
+fn draw_chunks(
+    rng: &mut RecordRng,
     values: &mut [f32],
     mut update: impl FnMut(&mut f32, f32),
+    fast_path: impl Fn(&Tables, &[u32], &mut [f32]) -> u64,
 ) {
     let tables = &*TABLES;
-    let mut bytes = [0u8; 4 * 64];
-    for chunk in values.chunks_mut(64) {
-        let bytes = &mut bytes[..4 * chunk.len()];
-        rng.fill_bytes(bytes);
-        let words = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        for (value, word) in chunk.iter_mut().zip(words) {
-            let layer = (word & 0xff) as usize;
-            let magnitude = word >> 9;
-            let x = if magnitude < tables.k[layer] {
-                magnitude as f32 * tables.w[layer]
-            } else {
-                slow_path(rng, tables, layer, magnitude)
-            };
-            // The sign bit moves from bit 8 of the word to bit 31 of the
-            // float: a branch on a random bit would mispredict half the time.
-            update(value, f32::from_bits(x.to_bits() ^ ((word & 0x100) << 23)));
+    let mut words = [0u32; CHUNK];
+    let mut draws = [0f32; CHUNK];
+    for chunk in values.chunks_mut(CHUNK) {
+        let (words, draws) = (&mut words[..chunk.len()], &mut draws[..chunk.len()]);
+        fill_words(rng, words);
+        let mut rejected = fast_path(tables, words, draws);
+        while rejected != 0 {
+            let i = rejected.trailing_zeros() as usize;
+            rejected &= rejected - 1;
+            let word = words[i];
+            let x = slow_path(rng, tables, (word & 0xff) as usize, word >> 9);
+            draws[i] = with_sign(x, word);
+        }
+        for (value, &z) in chunk.iter_mut().zip(draws.iter()) {
+            update(value, z);
         }
     }
+}
+
+/// Fills `words` from the stream: each 64-bit output gives two words, low
+/// half first, and an odd last word is the low half of one more output.
+#[inline(always)]
+fn fill_words(rng: &mut RecordRng, words: &mut [u32]) {
+    let mut pairs = words.chunks_exact_mut(2);
+    for pair in &mut pairs {
+        let bits = rng.next_u64();
+        pair[0] = bits as u32;
+        pair[1] = (bits >> 32) as u32;
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = rng.next_u64() as u32;
+    }
+}
+
+/// Gives `x` the sign of bit 8 of `word`. The bit moves to bit 31 of the
+/// float: a branch on a random bit would mispredict half the time.
+#[inline(always)]
+fn with_sign(x: f32, word: u32) -> f32 {
+    f32::from_bits(x.to_bits() ^ ((word & 0x100) << 23))
+}
+
+/// The fast path of the ziggurat on one chunk: each word gives the layer
+/// (8 bits), the sign (1 bit) and a 23-bit magnitude. Writes the draw of
+/// every word and returns the flags of the words whose draw it rejects, bit
+/// `i` for `words[i]`. The caller draws those again.
+#[inline(always)]
+fn fast_path_portable(tables: &Tables, words: &[u32], draws: &mut [f32]) -> u64 {
+    let mut rejected = 0u64;
+    for (i, (&word, draw)) in words.iter().zip(draws.iter_mut()).enumerate() {
+        let layer = (word & 0xff) as usize;
+        let magnitude = word >> 9;
+        *draw = with_sign(magnitude as f32 * tables.w[layer], word);
+        rejected |= u64::from(magnitude >= tables.k[layer]) << i;
+    }
+    rejected
+}
+
+/// Computes what [`fast_path_portable`] does, eight words at a time, with
+/// table gathers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fast_path_avx2(tables: &Tables, words: &[u32], draws: &mut [f32]) -> u64 {
+    use std::arch::x86_64::*;
+
+    let full = words.len() / 8 * 8;
+    let mut rejected = 0u64;
+    let low_byte = _mm256_set1_epi32(0xff);
+    let sign_bit = _mm256_set1_epi32(0x100);
+    for start in (0..full).step_by(8) {
+        // SAFETY: `start + 8 <= words.len() == draws.len()`, unaligned
+        // loads and stores are used, and every gathered index is below 256,
+        // the length of both tables.
+        unsafe {
+            let word = _mm256_loadu_si256(words.as_ptr().add(start).cast());
+            let layer = _mm256_and_si256(word, low_byte);
+            let magnitude = _mm256_srli_epi32::<9>(word);
+            let scale = _mm256_i32gather_ps::<4>(tables.w.as_ptr(), layer);
+            let x = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), scale);
+            let sign = _mm256_slli_epi32::<23>(_mm256_and_si256(word, sign_bit));
+            let draw = _mm256_xor_ps(x, _mm256_castsi256_ps(sign));
+            _mm256_storeu_ps(draws.as_mut_ptr().add(start), draw);
+            // Both sides are below 2^31, so a signed comparison serves.
+            let threshold = _mm256_i32gather_epi32::<4>(tables.k.as_ptr().cast(), layer);
+            let accepted = _mm256_cmpgt_epi32(threshold, magnitude);
+            let accepted_bits = _mm256_movemask_ps(_mm256_castsi256_ps(accepted)) as u64;
+            rejected |= (!accepted_bits & 0xff) << start;
+        }
+    }
+    rejected | (fast_path_portable(tables, &words[full..], &mut draws[full..]) << full)
 }
 
 /// Handles the draws the fast path does not accept: the tail beyond
@@ -135,6 +235,61 @@ mod tests {
         for i in 1..LAYERS - 1 {
             assert!(tables.w[i] < tables.w[i + 1], "w is not increasing at {i}");
             assert!(tables.f[i] > tables.f[i + 1], "f is not decreasing at {i}");
+        }
+    }
+
+    /// The AVX2 fast path gives the portable one's draws and flags, bit for
+    /// bit, on every chunk length and on words that hit every layer.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_fast_path_matches_portable() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let tables = &*TABLES;
+        let mut rng = StageRng::new(5, "avx2").stream(b"words", 0);
+        let mut rejected_seen = 0;
+        for round in 0..2000 {
+            let len = 1 + round % CHUNK;
+            let mut words = [0u32; CHUNK];
+            fill_words(&mut rng, &mut words[..len]);
+            // Words at the edges of the magnitude range too.
+            if round % 3 == 0 {
+                words[0] = (words[0] & 0x1ff) | (0x7f_ffff << 9);
+            }
+            let (mut portable, mut avx2) = ([0f32; CHUNK], [0f32; CHUNK]);
+            let expected = fast_path_portable(tables, &words[..len], &mut portable[..len]);
+            // SAFETY: the CPU has AVX2, checked above.
+            let found = unsafe { fast_path_avx2(tables, &words[..len], &mut avx2[..len]) };
+            assert_eq!(found, expected, "flags of {len} words");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&avx2[..len]), bits(&portable[..len]), "draws of {len} words");
+            rejected_seen += expected.count_ones();
+        }
+        assert!(rejected_seen > 100, "only {rejected_seen} rejected words were compared");
+    }
+
+    /// Pins the draws of a few streams, and where each leaves its stream:
+    /// lengths around a chunk's size, an odd length, and enough draws for
+    /// every path of the ziggurat (wedges and tail). If this changes, the
+    /// outputs of every pipeline with Gaussian noise change, and
+    /// `CONTRACT_VERSION` must be bumped with it.
+    #[test]
+    fn known_answers_pin_the_draws() {
+        let expected = [
+            (1, 1069571035, 4936969469364665630),
+            (63, 7335770537089874160, 8550956649947456783),
+            (64, 7088260428164173689, 10559914454084196880),
+            (65, 10414220603538776673, 3441813395356360606),
+            (100_003, 15877177319515060921, 646782448625341659),
+        ];
+        let rngs = StageRng::new(3, "normal");
+        for (len, digest, next) in expected {
+            let mut values = vec![0f32; len];
+            let mut rng = rngs.stream(b"pin", len as u32);
+            fill_standard_normal(&mut rng, &mut values);
+            let found = values.iter().fold(0u64, |a, v| a.wrapping_mul(31).wrapping_add(u64::from(v.to_bits())));
+            assert_eq!((found, rng.next_u64()), (digest, next), "{len} draws");
         }
     }
 
