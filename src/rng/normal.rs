@@ -186,7 +186,10 @@ fn fast_path_avx2(tables: &Tables, words: &[u32], draws: &mut [f32]) -> u64 {
             rejected |= (!accepted_bits & 0xff) << start;
         }
     }
-    rejected | (fast_path_portable(tables, &words[full..], &mut draws[full..]) << full)
+    if full < words.len() {
+        rejected |= fast_path_portable(tables, &words[full..], &mut draws[full..]) << full;
+    }
+    rejected
 }
 
 /// Handles the draws the fast path does not accept: the tail beyond
