@@ -10,10 +10,11 @@ Usage:
 Needs numpy, onnx, onnxruntime and pyarrow (target/test-venv after
 `bash tests/run.sh` has them). Each case runs every side once per round,
 round-robin, and reports medians, since the machine is shared and noisy.
-Without --reference, the Python columns are left out.
+Without --reference, the Python columns show a dash.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -100,7 +101,7 @@ MIN_RUN_S = 0.1
 
 def stochflow_rate(binary, pipeline):
     out = run([binary, "run", pipeline], env={**os.environ, "STOCHFLOW_LOG": "warn"})
-    match = re.search(r"read (\d+) records.* in ([0-9.]+) s", out)
+    match = re.search(r"read (\d+) records?.* in ([0-9.]+) s", out)
     records, seconds = int(match.group(1)), float(match.group(2))
     if seconds < MIN_RUN_S:
         print(f"warning: {pipeline.name} ran for {seconds:.3f} s, too short for a reliable rate; "
@@ -145,6 +146,10 @@ def main():
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not (args.records_scale > 0 and math.isfinite(args.records_scale)):
         parser.error(f"--records-scale must be a finite number above 0, got {args.records_scale}")
+    missing = [name for name in ("numpy", "onnx", "onnxruntime", "pyarrow") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"{sys.executable} lacks the Python packages {', '.join(missing)}; run this script with "
+                     "target/test-venv/bin/python (made by `bash tests/run.sh`), or install fixtures/requirements.txt")
     if args.reference and not args.reference.is_file():
         parser.error(f"--reference {args.reference} is not a file; give the path of the reference pipeline script")
     work = args.work
@@ -199,7 +204,7 @@ def main():
             if args.reference and "infer_extra" not in case:
                 results[case["name"]]["python"].append(python_rate(args.reference, case, inputs[case["kind"]], work))
 
-    print(f"\nstochflow's default parallelism here: {sessions} sessions of {threads} intra-op threads")
+    print(f"\nstochflow's default parallelism here: {sessions} session(s) of {threads} intra-op thread(s) each")
     print("\n| case | stochflow rec/s | bare ORT, same sessions | bare ORT, 1 session | Python rec/s "
           "| stochflow / ORT same | stochflow / ORT 1 session | stochflow / Python |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -61,7 +61,8 @@ fn default_latent_batch() -> usize {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PriorConfig {
-    /// `normal`, `uniform` or `truncated_normal`.
+    /// `normal` (the default), `uniform` or `truncated_normal`.
+    #[serde(default = "default_prior_kind")]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean: Option<f64>,
@@ -75,8 +76,12 @@ pub struct PriorConfig {
 
 impl Default for PriorConfig {
     fn default() -> Self {
-        Self { kind: String::from("normal"), mean: None, std: None, low: None, high: None }
+        Self { kind: default_prior_kind(), mean: None, std: None, low: None, high: None }
     }
+}
+
+fn default_prior_kind() -> String {
+    String::from("normal")
 }
 
 /// Reads `prior` as a mapping, or as a kind alone with default parameters.
@@ -284,22 +289,45 @@ fn check_prior(prior: &PriorConfig, push: &mut impl FnMut(&str, String)) {
     }
 }
 
+/// The largest magnitude of a finite float32, the type latent values are
+/// stored as.
+const FLOAT32_MAX: f64 = f32::MAX as f64;
+/// The smallest positive normal float32.
+const FLOAT32_MIN_POSITIVE: f64 = f32::MIN_POSITIVE as f64;
+
 fn check_normal(mean: f64, std: f64, push: &mut impl FnMut(&str, String)) {
     if !mean.is_finite() {
         push("prior.mean", format!("must be a finite number, found {mean}"));
+    } else if mean.abs() > FLOAT32_MAX {
+        push("prior.mean", format!("must be within the float32 range of the values (±3.4e38), found {mean:e}"));
     }
     if !(std > 0.0 && std.is_finite()) {
         push("prior.std", format!("must be positive and finite, found {std}"));
+    } else if !(FLOAT32_MIN_POSITIVE..=FLOAT32_MAX).contains(&std) {
+        push(
+            "prior.std",
+            format!("must be between 1.2e-38 and 3.4e38, the float32 range of the values, found {std:e}"),
+        );
     }
 }
 
 /// Checks `low < high`; a uniform prior needs finite bounds, a truncated
-/// normal accepts `-.inf` or `.inf` for an open side.
+/// normal accepts `-.inf` or `.inf` for an open side. Finite bounds must be
+/// float32 numbers, or rounding could not keep the values inside them.
 fn check_bounds(low: f64, high: f64, finite: bool, push: &mut impl FnMut(&str, String)) {
+    let beyond_float32 = |bound: f64| bound.is_finite() && bound.abs() > FLOAT32_MAX;
     if low.is_nan() || high.is_nan() {
         push("prior.low", String::from("bounds must be numbers, found NaN"));
     } else if finite && !(low.is_finite() && high.is_finite()) {
         push("prior.low", format!("a uniform prior needs finite bounds, found low {low} and high {high}"));
+    } else if beyond_float32(low) || beyond_float32(high) {
+        let key = if beyond_float32(low) { "prior.low" } else { "prior.high" };
+        push(
+            key,
+            format!(
+                "bounds must be within the float32 range of the values (±3.4e38), found low {low:e} and high {high:e}"
+            ),
+        );
     } else if low >= high {
         push("prior.high", format!("must be above `low`, found low {low} and high {high}"));
     }

@@ -120,6 +120,27 @@ fn linear_interpolation_hits_endpoints_and_averages() {
     }
 }
 
+/// Endpoint A of path `p` is record `p` of a plain source, for every prior
+/// and for record sizes that do not fill the ziggurat's 64-value chunks.
+#[test]
+fn endpoint_a_is_plain_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let priors = ["normal", "{kind: uniform, low: -1.0, high: 1.0}", "{kind: truncated_normal, low: -1.0, high: 2.0}"];
+    for (index, prior) in priors.iter().enumerate() {
+        for len in [8, 100] {
+            let name = format!("prefix_{index}_{len}");
+            let shape = format!("  shape: [{len}]\n  prior: {prior}");
+            let paths = draw(dir.path(), &name, 5, &format!("  records: 300\n{shape}\n  interpolate: {{steps: 2}}"));
+            let plain = draw(dir.path(), &format!("{name}_plain"), 5, &format!("  records: 300\n{shape}"));
+            let points = latent_rows(&paths, len);
+            let records = latent_rows(&plain, len);
+            for path in 0..300 {
+                assert_eq!(points[2 * path], records[path], "{prior}, shape [{len}]: A of path {path}");
+            }
+        }
+    }
+}
+
 fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
@@ -188,6 +209,11 @@ fn prior_kind_alone_takes_defaults() {
     let settings = "  records: 4\n  shape: [3]\n  prior: {kind: normal, mean: 0.0, std: 1.0}";
     let full = tensor_f32(&draw(dir.path(), "full", 3, settings), "z");
     assert_eq!(short, full);
+    // A mapping without `kind` is a normal prior.
+    let no_kind = tensor_f32(&draw(dir.path(), "no_kind", 3, "  records: 4\n  shape: [3]\n  prior: {std: 1.0}"), "z");
+    assert_eq!(no_kind, full);
+    let stderr = invalid(dir.path(), &latent_pipeline(1, "  records: 4\n  shape: [8]\n  prior: {low: 0.0}"));
+    assert!(stderr.contains("bad.yaml:6:11: source.prior.low: does not apply to a normal prior"), "{stderr}");
     let stderr = invalid(dir.path(), &latent_pipeline(1, "  records: 4\n  shape: [8]\n  prior: uniform"));
     assert!(stderr.contains("bad.yaml:6:3: source.prior.low: is required for a uniform prior"), "{stderr}");
 }
@@ -258,4 +284,48 @@ fn bad_latent_settings_name_lines() {
     ] {
         assert!(stderr.contains(expected), "missing {expected:?} in {stderr}");
     }
+}
+
+/// Parameters beyond float32 are rejected: values are stored as float32,
+/// and a truncated normal with bounds beyond 1e154 in standard units can
+/// never accept a proposal, since their squares overflow.
+#[test]
+fn priors_beyond_float32_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "{kind: normal, mean: 1.0e39}",
+            "source.prior.mean: must be within the float32 range of the values (±3.4e38), found 1e39",
+        ),
+        (
+            "{kind: normal, std: 1.0e-300}",
+            "source.prior.std: must be between 1.2e-38 and 3.4e38, the float32 range of the values, found 1e-300",
+        ),
+        (
+            "{kind: uniform, low: -1.0e300, high: 1.0e300}",
+            "source.prior.low: bounds must be within the float32 range of the values (±3.4e38), found low -1e300 and high 1e300",
+        ),
+        (
+            "{kind: truncated_normal, low: 1.0e155, high: 1.0e156}",
+            "source.prior.low: bounds must be within the float32 range",
+        ),
+        (
+            "{kind: truncated_normal, low: 0.0, high: 1.0e39}",
+            "source.prior.high: bounds must be within the float32 range",
+        ),
+    ];
+    for (prior, expected) in cases {
+        let stderr = invalid(dir.path(), &latent_pipeline(1, &format!("  records: 4\n  shape: [8]\n  prior: {prior}")));
+        assert!(stderr.contains(expected), "{prior}: missing {expected:?} in {stderr}");
+    }
+    // Bounds far out in standard units, within float32, still draw at once.
+    let batches = draw(
+        dir.path(),
+        "far",
+        1,
+        "  records: 4\n  shape: [8]\n  prior: {kind: truncated_normal, std: 1.2e-38, low: 1.0e38, high: 2.0e38}",
+    );
+    let values = tensor_f32(&batches, "z");
+    assert_eq!(values.len(), 32);
+    assert!(values.iter().all(|&v| (1.0e38..=2.0e38).contains(&v)), "{values:?}");
 }
