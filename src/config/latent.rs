@@ -146,7 +146,15 @@ impl PriorConfig {
         let bounds = [("low", self.low, uses_bounds), ("high", self.high, uses_bounds)];
         for (key, value, used) in unused.into_iter().chain(bounds) {
             if value.is_some() && !used {
-                problems.push((key, format!("does not apply to a {kind} prior; remove it")));
+                let message = if kind == "normal" {
+                    // `kind` defaults to normal, so a forgotten kind ends up here.
+                    String::from(
+                        "does not apply to a normal prior (the kind when `kind` is left out); remove it, or set `kind: uniform` or `kind: truncated_normal`",
+                    )
+                } else {
+                    format!("does not apply to a {kind} prior; remove it")
+                };
+                problems.push((key, message));
             }
             if value.is_none() && used && (key == "low" || key == "high") {
                 problems.push((key, format!("is required for a {kind} prior")));
@@ -295,18 +303,27 @@ const FLOAT32_MAX: f64 = f32::MAX as f64;
 /// The smallest positive normal float32.
 const FLOAT32_MIN_POSITIVE: f64 = f32::MIN_POSITIVE as f64;
 
+/// Formats a number for a message: in exponent form when it is very large
+/// or very small, as Rust writes it otherwise.
+fn number(value: f64) -> String {
+    if value != 0.0 && !(1e-4..1e16).contains(&value.abs()) { format!("{value:e}") } else { value.to_string() }
+}
+
 fn check_normal(mean: f64, std: f64, push: &mut impl FnMut(&str, String)) {
     if !mean.is_finite() {
         push("prior.mean", format!("must be a finite number, found {mean}"));
     } else if mean.abs() > FLOAT32_MAX {
-        push("prior.mean", format!("must be within the float32 range of the values (±3.4e38), found {mean:e}"));
+        push("prior.mean", format!("must be within the float32 range of the values (±3.4e38), found {}", number(mean)));
     }
     if !(std > 0.0 && std.is_finite()) {
         push("prior.std", format!("must be positive and finite, found {std}"));
     } else if !(FLOAT32_MIN_POSITIVE..=FLOAT32_MAX).contains(&std) {
         push(
             "prior.std",
-            format!("must be between 1.2e-38 and 3.4e38, the float32 range of the values, found {std:e}"),
+            format!(
+                "must be between 1.18e-38 and 3.4e38, the range of positive normal float32 numbers, found {}",
+                number(std)
+            ),
         );
     }
 }
@@ -325,7 +342,9 @@ fn check_bounds(low: f64, high: f64, finite: bool, push: &mut impl FnMut(&str, S
         push(
             key,
             format!(
-                "bounds must be within the float32 range of the values (±3.4e38), found low {low:e} and high {high:e}"
+                "bounds must be within the float32 range of the values (±3.4e38), found low {} and high {}",
+                number(low),
+                number(high)
             ),
         );
     } else if low >= high {

@@ -213,7 +213,8 @@ fn prior_kind_alone_takes_defaults() {
     let no_kind = tensor_f32(&draw(dir.path(), "no_kind", 3, "  records: 4\n  shape: [3]\n  prior: {std: 1.0}"), "z");
     assert_eq!(no_kind, full);
     let stderr = invalid(dir.path(), &latent_pipeline(1, "  records: 4\n  shape: [8]\n  prior: {low: 0.0}"));
-    assert!(stderr.contains("bad.yaml:6:11: source.prior.low: does not apply to a normal prior"), "{stderr}");
+    let expected = "bad.yaml:6:11: source.prior.low: does not apply to a normal prior (the kind when `kind` is left out); remove it, or set `kind: uniform` or `kind: truncated_normal`";
+    assert!(stderr.contains(expected), "{stderr}");
     let stderr = invalid(dir.path(), &latent_pipeline(1, "  records: 4\n  shape: [8]\n  prior: uniform"));
     assert!(stderr.contains("bad.yaml:6:3: source.prior.low: is required for a uniform prior"), "{stderr}");
 }
@@ -299,7 +300,7 @@ fn priors_beyond_float32_are_rejected() {
         ),
         (
             "{kind: normal, std: 1.0e-300}",
-            "source.prior.std: must be between 1.2e-38 and 3.4e38, the float32 range of the values, found 1e-300",
+            "source.prior.std: must be between 1.18e-38 and 3.4e38, the range of positive normal float32 numbers, found 1e-300",
         ),
         (
             "{kind: uniform, low: -1.0e300, high: 1.0e300}",
@@ -311,7 +312,7 @@ fn priors_beyond_float32_are_rejected() {
         ),
         (
             "{kind: truncated_normal, low: 0.0, high: 1.0e39}",
-            "source.prior.high: bounds must be within the float32 range",
+            "source.prior.high: bounds must be within the float32 range of the values (±3.4e38), found low 0 and high 1e39",
         ),
     ];
     for (prior, expected) in cases {
