@@ -36,7 +36,7 @@ pub struct LatentSource {
     schema: SchemaRef,
     /// The endpoints of the path read last, since consecutive records share them.
     endpoints: Option<(u64, Vec<f64>, Vec<f64>)>,
-    /// Room for one interpolated record before rounding.
+    /// Buffer for one interpolated record before rounding.
     point: Vec<f64>,
 }
 
@@ -80,6 +80,7 @@ impl LatentSource {
         self.prior.draw(&mut self.stream(key), out);
     }
 
+    /// Returns the stream of `key`, positioned at its start.
     fn stream(&self, key: u64) -> RecordRng {
         self.rng.stream(key.to_string().as_bytes(), 0)
     }

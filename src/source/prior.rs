@@ -43,6 +43,8 @@ impl Prior {
     pub fn draw(&self, rng: &mut RecordRng, out: &mut [f64]) {
         match self.0 {
             PriorKind::Normal { mean, std } => {
+                // A multiple of the ziggurat's 64-value chunks, so the draws
+                // are those of one call over the whole slice.
                 let mut z = [0f32; 256];
                 for chunk in out.chunks_mut(z.len()) {
                     let z = &mut z[..chunk.len()];

@@ -465,10 +465,10 @@ fn aggregate_after_repeat_rejects_partial_records() {
     // Poisson noise rejects samples that Gaussian noise pushed below zero,
     // so some records lose samples before the aggregate. A value goes below
     // zero with probability P(z < -1.2) = 0.115, so a record keeps its 4
-    // samples of 3 values with probability 0.23: with 40 records, the
-    // chance that none or all of them do is below 1e-4 for any seed. One
-    // record per batch puts the aggregate's message for the first partial
-    // record among the first logged rejections.
+    // samples of 3 values with probability 0.23. With 40 records, the chance
+    // that none or all of them keep their samples is below 1e-4 for any seed.
+    // One record per batch puts the aggregate's message for the first
+    // partial record among the first logged rejections.
     let yaml = format!(
         "seed: 1\nsource: {{kind: npy, path: {}, column: x, batch_size: 1}}\nstages:\n  - {{kind: repeat, samples: 4}}\n  - {{name: n, kind: add_noise, column: x, std: 0.25}}\n  - {{name: p, kind: add_noise, column: x, noise: poisson, scale: 10}}\n  - {{kind: aggregate, aggregates: [{{op: mean, column: x}}]}}\nsink: {{kind: arrow_file, path: unused.arrow}}\n",
         yaml_path(&input)
