@@ -5,7 +5,7 @@ models, records, batch sizes and thread counts.
 
 Usage:
     python3 benches/run.py [--reference PATH/py_pipeline.py] [--rounds 3]
-                           [--records-scale 1.0] [--work DIR]
+                           [--records-scale 1.0] [--work DIR] [--cases conv,noise]
 
 Needs numpy, onnx, onnxruntime and pyarrow (target/test-venv after
 `bash tests/run.sh` has them). Each case runs every side once per round,
@@ -141,6 +141,9 @@ def main():
                         help="factor on the records per run: 2,000,000 digits, 20,000 conv, 60,000 heavy (default 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "target" / "bench",
                         help="folder for the models, inputs and outputs (default target/bench)")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated case names or name prefixes to run, such as `conv_b256,noise`: the "
+                             "table's cases and `noise` and `memory` (default: all)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -154,18 +157,6 @@ def main():
         parser.error(f"--reference {args.reference} is not a file; give the path of the reference pipeline script")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-
-    print("building (cargo build --release, cargo bench --no-run)", file=sys.stderr)
-    run(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-    built = run(["cargo", "bench", "--no-run", "--bench", "ort_loop", "--bench", "noise", "--message-format", "json",
-                 "--quiet"], cwd=ROOT)
-    executables = {}
-    for line in built.splitlines():
-        message = json.loads(line)
-        if message.get("reason") == "compiler-artifact" and message.get("executable") and "bench" in message["target"]["kind"]:
-            executables[message["target"]["name"]] = message["executable"]
-    binary = ROOT / "target" / "release" / "stochflow"
-    run([sys.executable, ROOT / "benches" / "make_models.py", work, "--records-scale", str(args.records_scale)])
 
     models = {"heavy": work / "mlp_heavy.onnx", "digits": ROOT / "fixtures/models/mlp_digits.onnx",
               "conv": ROOT / "fixtures/models/conv_photos.onnx"}
@@ -187,6 +178,26 @@ def main():
         cases.append({"name": f"{kind}_b256_1session", "kind": kind, "batch": 256, "model": models[kind],
                       "infer_extra": ", threads: 0, sessions: 1"})
 
+    every_name = [case["name"] for case in cases] + ["noise", "memory"]
+    requested = [prefix.strip() for prefix in args.cases.split(",") if prefix.strip()]
+    unmatched = [prefix for prefix in requested if not any(name.startswith(prefix) for name in every_name)]
+    if unmatched:
+        parser.error(f"--cases {', '.join(unmatched)} matches no case; the cases are {', '.join(every_name)}")
+    selected = {name for name in every_name if not requested or any(name.startswith(prefix) for prefix in requested)}
+    cases = [case for case in cases if case["name"] in selected]
+
+    print("building (cargo build --release, cargo bench --no-run)", file=sys.stderr)
+    run(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
+    built = run(["cargo", "bench", "--no-run", "--bench", "ort_loop", "--bench", "noise", "--message-format", "json",
+                 "--quiet"], cwd=ROOT)
+    executables = {}
+    for line in built.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") and "bench" in message["target"]["kind"]:
+            executables[message["target"]["name"]] = message["executable"]
+    binary = ROOT / "target" / "release" / "stochflow"
+    run([sys.executable, ROOT / "benches" / "make_models.py", work, "--records-scale", str(args.records_scale)])
+
     # Two bare loops: one with stochflow's own sessions and threads (the
     # default parallelism, or one session with ONNX Runtime's default
     # threads in the `1session` cases), and the plain loop a user would
@@ -204,6 +215,15 @@ def main():
             if args.reference and "infer_extra" not in case:
                 results[case["name"]]["python"].append(python_rate(args.reference, case, inputs[case["kind"]], work))
 
+    if cases:
+        print_table(cases, results, sessions, threads)
+    if "noise" in selected:
+        print_noise(executables["noise"], args.rounds)
+    if "memory" in selected:
+        print_memory(binary, models, work)
+
+
+def print_table(cases, results, sessions, threads):
     print(f"\nstochflow's default parallelism here: {sessions} session(s) of {threads} intra-op thread(s) each")
     print("\n| case | stochflow rec/s | bare ORT, same sessions | bare ORT, 1 session | Python rec/s "
           "| stochflow / ORT same | stochflow / ORT 1 session | stochflow / Python |")
@@ -216,14 +236,18 @@ def main():
         print(f"| {case['name']} | {ours:,.0f} | {same:,.0f} | {ort:,.0f} | {python_text} "
               f"| {ours / same:.2f} | {ours / ort:.2f} | {python_ratio} |")
 
-    noise = [json.loads(run([executables["noise"], "4000"]).strip().splitlines()[-1])["samples_per_s"] for _ in range(args.rounds)]
+
+def print_noise(noise_bench, rounds):
+    noise = [json.loads(run([noise_bench, "4000"]).strip().splitlines()[-1])["samples_per_s"] for _ in range(rounds)]
     numpy_probe = ("import numpy as np, time; g = np.random.default_rng(0); g.standard_normal(10**7, dtype=np.float32); "
                    "t = time.perf_counter(); g.standard_normal(10**7, dtype=np.float32); print(1e7 / (time.perf_counter() - t))")
-    numpy_rates = [float(run([sys.executable, "-c", numpy_probe]).strip()) for _ in range(args.rounds)]
+    numpy_rates = [float(run([sys.executable, "-c", numpy_probe]).strip()) for _ in range(rounds)]
     print(f"\nGaussian float32 samples/s on one core: stochflow {statistics.median(noise) / 1e6:.0f} M "
           f"(per-record streams), numpy Generator.standard_normal {statistics.median(numpy_rates) / 1e6:.0f} M, "
           f"ratio {statistics.median(noise) / statistics.median(numpy_rates):.2f}")
 
+
+def print_memory(binary, models, work):
     rss = {}
     for records in (100_000, 1_000_000):
         case = {"name": f"digits_rss_{records}", "kind": "digits", "batch": 256, "model": models["digits"]}
