@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::batch::Batch;
 use crate::config::SourceConfig;
+use crate::sink::KeepUnit;
 use crate::sink::checkpoint::Checkpoint;
 use crate::source::{SocketSource, SourceError, WatchSource};
 
@@ -37,6 +38,14 @@ impl Input {
         match self {
             Input::Watch(_) => "watch",
             Input::Socket(_) => "socket",
+        }
+    }
+
+    /// Returns which units the checkpoint keeps at each commit.
+    pub fn keeps_unit(&self) -> KeepUnit {
+        match self {
+            Input::Watch(source) => source.keeps_unit(),
+            Input::Socket(source) => source.keeps_unit(),
         }
     }
 

@@ -281,6 +281,7 @@ async fn run_generation(
     let (source_tx, source_rx) = mpsc::channel::<Batch>(capacity);
     let intake_depth = source_tx.downgrade();
 
+    let keep_unit = input.keeps_unit();
     let mut source_task = {
         let stop = stop.clone();
         let metrics = shared.metrics.clone();
@@ -311,12 +312,7 @@ async fn run_generation(
     };
     let mut sink =
         RotatingSink::new(&shared.output_dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
-    if let crate::config::SourceConfig::Watch(watch) = &config.source {
-        // A file removed from the directory cannot come back under its
-        // name unless it is new, so the checkpoint drops it.
-        let dir = watch.path.clone();
-        sink.prune_complete_units(Box::new(move |name| dir.join(name).exists()));
-    }
+    sink.prune_units(keep_unit);
     let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth, flush_request));
 
     // Run until a stop, an accepted reload or a failure.

@@ -32,6 +32,11 @@ pub struct Checkpoint {
     pub next_file: u64,
     /// Progress of each input unit, by name.
     pub units: BTreeMap<String, UnitProgress>,
+    /// Highest `N` of the `connection-N` stream names given so far. Such a
+    /// stream leaves `units` once its connection closes, and this number
+    /// keeps its name from being given again.
+    #[serde(default)]
+    pub last_connection: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +64,7 @@ pub enum CheckpointError {
 
 impl Checkpoint {
     pub fn new() -> Self {
-        Self { version: VERSION, next_file: 0, units: BTreeMap::new() }
+        Self { version: VERSION, next_file: 0, units: BTreeMap::new(), last_connection: 0 }
     }
 
     /// Records the progress that a mark reports.
@@ -67,6 +72,27 @@ impl Checkpoint {
         let progress = self.units.entry(mark.unit.to_string()).or_default();
         progress.records = progress.records.max(mark.records);
         progress.complete |= mark.complete;
+        self.count_connection(&mark.unit);
+    }
+
+    /// Drops the units for which `keep` returns false. A dropped
+    /// `connection-N` unit still counts in `last_connection`.
+    pub fn retain_units(&mut self, keep: impl Fn(&str, &UnitProgress) -> bool) {
+        let mut last_connection = self.last_connection;
+        self.units.retain(|unit, progress| {
+            let stays = keep(unit, progress);
+            if !stays && let Some(number) = connection_number(unit) {
+                last_connection = last_connection.max(number);
+            }
+            stays
+        });
+        self.last_connection = last_connection;
+    }
+
+    fn count_connection(&mut self, unit: &str) {
+        if let Some(number) = connection_number(unit) {
+            self.last_connection = self.last_connection.max(number);
+        }
     }
 
     /// Returns the progress of a unit; a unit never seen has none.
@@ -79,13 +105,19 @@ impl Checkpoint {
     }
 
     fn from_json(text: &str, path: &Path) -> Result<Self, CheckpointError> {
-        let checkpoint: Checkpoint = serde_json::from_str(text)
+        let mut checkpoint: Checkpoint = serde_json::from_str(text)
             .map_err(|err| CheckpointError::Invalid { path: path.to_path_buf(), message: err.to_string() })?;
         if checkpoint.version != VERSION {
             return Err(CheckpointError::Invalid {
                 path: path.to_path_buf(),
                 message: format!("version {} is not the supported version {VERSION}", checkpoint.version),
             });
+        }
+        // A checkpoint written before `last_connection` existed has only
+        // its units to count.
+        let units: Vec<String> = checkpoint.units.keys().cloned().collect();
+        for unit in &units {
+            checkpoint.count_connection(unit);
         }
         Ok(checkpoint)
     }
@@ -103,6 +135,30 @@ impl Checkpoint {
         File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error)
     }
 }
+
+/// Returns the stream name given to the `number`th connection that names
+/// no stream of its own.
+pub fn connection_name(number: u64) -> String {
+    format!("{CONNECTION_PREFIX}{number}")
+}
+
+/// Returns `N` for a `connection-N` stream name, the form reserved for
+/// connections that name no stream. Returns `None` for any other name and
+/// for an `N` beyond `u64`.
+pub fn connection_number(unit: &str) -> Option<u64> {
+    if !is_connection_name(unit) {
+        return None;
+    }
+    unit[CONNECTION_PREFIX.len()..].parse().ok()
+}
+
+/// Tells whether `unit` has the form `connection-` followed by digits.
+pub fn is_connection_name(unit: &str) -> bool {
+    unit.strip_prefix(CONNECTION_PREFIX)
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+}
+
+const CONNECTION_PREFIX: &str = "connection-";
 
 /// Returns the name of output file `number`.
 pub fn part_name(number: u64) -> String {
@@ -192,5 +248,59 @@ fn footer_checkpoint(path: &Path) -> Result<Option<Checkpoint>, CheckpointError>
     match reader.custom_metadata().get(FOOTER_KEY) {
         Some(text) => Checkpoint::from_json(text, path).map(Some),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn mark(unit: &str, records: u64) -> Mark {
+        Mark { unit: Arc::from(unit), records, complete: false }
+    }
+
+    #[test]
+    fn connection_names_round_trip() {
+        assert_eq!(connection_name(12), "connection-12");
+        assert_eq!(connection_number("connection-12"), Some(12));
+        for other in ["connection-", "connection-1a", "connection--1", "Connection-1", "stream", "connection-+1"] {
+            assert_eq!(connection_number(other), None, "{other}");
+            assert!(!is_connection_name(other), "{other}");
+        }
+        let beyond = "connection-99999999999999999999999";
+        assert_eq!(connection_number(beyond), None);
+        assert!(is_connection_name(beyond));
+    }
+
+    #[test]
+    fn applied_connections_raise_the_count() {
+        let mut checkpoint = Checkpoint::new();
+        checkpoint.apply(&mark("connection-7", 3));
+        checkpoint.apply(&mark("connection-2", 5));
+        checkpoint.apply(&mark("named", 5));
+        assert_eq!(checkpoint.last_connection, 7);
+    }
+
+    #[test]
+    fn dropped_connections_keep_their_count() {
+        let mut checkpoint = Checkpoint::new();
+        // As a checkpoint written before the count existed would load.
+        checkpoint.units.insert(String::from("connection-9"), UnitProgress { records: 4, complete: false });
+        checkpoint.units.insert(String::from("named"), UnitProgress { records: 4, complete: false });
+        checkpoint.retain_units(|unit, _| !is_connection_name(unit));
+        assert_eq!(checkpoint.units.keys().collect::<Vec<_>>(), ["named"]);
+        assert_eq!(checkpoint.last_connection, 9);
+    }
+
+    #[test]
+    fn checkpoint_without_count_loads() {
+        let text = r#"{"version":1,"next_file":3,"units":{"connection-4":{"records":2,"complete":false}}}"#;
+        let checkpoint = Checkpoint::from_json(text, Path::new("checkpoint.json")).expect("a valid checkpoint");
+        assert_eq!(checkpoint.last_connection, 4);
+        assert_eq!(checkpoint.progress("connection-4").records, 2);
+        let again = Checkpoint::from_json(&checkpoint.to_json(), Path::new("checkpoint.json")).expect("its own JSON");
+        assert_eq!(again, checkpoint);
     }
 }

@@ -10,4 +10,4 @@ mod writeback;
 pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
 pub use images::ImageSink;
 pub use output::Sink;
-pub use rotating::{Committed, FileFormat, RotatingSink, dead_letter_schema};
+pub use rotating::{Committed, FileFormat, KeepUnit, RotatingSink, dead_letter_schema};

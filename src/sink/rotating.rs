@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::checkpoint::{Checkpoint, FOOTER_KEY, dead_letter_name, part_name};
+use super::checkpoint::{Checkpoint, FOOTER_KEY, UnitProgress, dead_letter_name, part_name};
 use super::{ArrowFileSink, SinkError};
 use crate::batch::{Batch, RecordRuns, Rejected};
 use crate::config::{Compression, RotateConfig};
@@ -44,8 +44,9 @@ pub struct Committed {
     pub checkpoint: Checkpoint,
 }
 
-/// Tells whether a complete input unit stays in the checkpoint.
-pub type KeepUnit = Box<dyn Fn(&str) -> bool + Send>;
+/// Tells whether an input unit, by name and progress, stays in the
+/// checkpoint.
+pub type KeepUnit = Box<dyn Fn(&str, &UnitProgress) -> bool + Send>;
 
 /// The layout of output files.
 pub struct FileFormat {
@@ -77,8 +78,8 @@ pub struct RotatingSink {
     /// Whether marks arrived since the last commit.
     marked: bool,
     key_column: String,
-    /// Tells whether a complete unit is still kept in the checkpoint.
-    keep_complete: Option<KeepUnit>,
+    /// Tells whether a unit is still kept in the checkpoint.
+    keep_unit: Option<KeepUnit>,
     /// Records held: rows, or runs of one key after a fan-out.
     record_count: u64,
     records: RecordRuns,
@@ -102,16 +103,16 @@ impl RotatingSink {
             last_unit: None,
             marked: false,
             key_column: key_column.to_string(),
-            keep_complete: None,
+            keep_unit: None,
             record_count: 0,
             records: RecordRuns::default(),
         }
     }
 
-    /// Drops complete units for which `keep` returns false from the
-    /// checkpoint at each commit, so that it does not grow without bound.
-    pub fn prune_complete_units(&mut self, keep: KeepUnit) {
-        self.keep_complete = Some(keep);
+    /// Drops the units for which `keep` returns false from the checkpoint
+    /// at each commit, so that it does not grow without bound.
+    pub fn prune_units(&mut self, keep: KeepUnit) {
+        self.keep_unit = Some(keep);
     }
 
     /// Returns the checkpoint of the last commit.
@@ -184,8 +185,8 @@ impl RotatingSink {
             return Ok(None);
         }
         let number = self.durable.next_file;
-        if let Some(keep) = &self.keep_complete {
-            self.progress.units.retain(|unit, progress| !progress.complete || keep(unit));
+        if let Some(keep) = &self.keep_unit {
+            self.progress.retain_units(keep);
         }
         let mut next = self.progress.clone();
         let has_rows = self.row_count > 0;

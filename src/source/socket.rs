@@ -11,8 +11,11 @@
 //! - `stochflow.stream`: the stream's name. A stream's records are counted
 //!   from its first record ever, across connections and daemon restarts, and
 //!   the daemon's checkpoint stores how many of them are durable. Without
-//!   it, the connection gets a fresh name `connection-N` that no stream in
-//!   the checkpoint or in this process has, so it can never be resumed.
+//!   it, the connection gets a fresh name `connection-N` that was never
+//!   given before, in this process or an earlier one on the same output
+//!   directory, so it can never be resumed. Its entry leaves the checkpoint
+//!   at the first commit after the connection closes. Names of that form are reserved: a client
+//!   cannot choose one.
 //! - `stochflow.offset`: the position in the stream of the connection's
 //!   first record, a decimal integer. Default 0.
 //!
@@ -41,7 +44,7 @@
 //! These errors close a connection:
 //!
 //! - a stream name that is open on another connection;
-//! - invalid metadata;
+//! - invalid metadata, such as an empty stream name or a reserved one;
 //! - settings (`id_column`, `columns`, `tensors`) that do not fit the
 //!   stream's columns;
 //! - converted columns that differ from the source's, which the first
@@ -76,7 +79,7 @@
 //! as the clients sized them, so memory use grows with the clients' batch
 //! sizes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +102,8 @@ use super::convert::{ColumnSettings, Converter, GeneratedKey};
 use super::{SourceError, same_but_nullability};
 use crate::batch::{Batch, Mark};
 use crate::config::SocketSourceConfig;
-use crate::sink::checkpoint::Checkpoint;
+use crate::sink::KeepUnit;
+use crate::sink::checkpoint::{Checkpoint, connection_name, is_connection_name};
 
 /// Schema metadata key of the stream name.
 pub const STREAM_METADATA_KEY: &str = "stochflow.stream";
@@ -158,6 +162,9 @@ struct Streams {
     by_name: HashMap<String, StreamState>,
     /// Number of the last generated `connection-N` name.
     last_connection: u64,
+    /// Generated names whose connection is still open, reading or waiting
+    /// for acks. The checkpoint keeps only these of the generated names.
+    serving: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -191,6 +198,17 @@ impl SocketSource {
         let accept_task = runtime.spawn(accept_connections(listener, shared.clone()));
         tracing::info!(address = %address, "socket source listening");
         Ok(Self { shared, batches, pending: None, runtime, accept_task, address, socket_file })
+    }
+
+    /// Returns which units the checkpoint keeps: every named stream, so that
+    /// a resend is recognized however late, and a generated `connection-N`
+    /// stream only while its connection is open.
+    pub fn keeps_unit(&self) -> KeepUnit {
+        let shared = self.shared.clone();
+        Box::new(move |name, _| {
+            !is_connection_name(name)
+                || shared.streams.lock().unwrap_or_else(PoisonError::into_inner).serving.contains(name)
+        })
     }
 
     /// Returns the address the source listens on: `IP:PORT`, with the port
@@ -481,6 +499,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(socket: S, peer: Stri
         connection.stream
     };
     let (stream, ()) = tokio::join!(reader, writer);
+    if let Some(name) = stream.as_deref().filter(|name| is_connection_name(name)) {
+        shared.close_generated(name);
+    }
     tracing::info!(peer = %peer, stream = stream.as_deref().unwrap_or(""), "socket connection closed");
 }
 
@@ -667,6 +688,11 @@ fn read_metadata(schema: &Schema) -> Result<(Option<String>, u64), String> {
                 "schema metadata {STREAM_METADATA_KEY} is empty; give the stream a name or leave it out"
             ));
         }
+        Some(name) if is_connection_name(name) => {
+            return Err(format!(
+                "schema metadata {STREAM_METADATA_KEY} is {name:?}, but names of the form connection-N are given to connections without a stream name; choose another name"
+            ));
+        }
         Some(name) => Some(name.clone()),
         None => None,
     };
@@ -823,13 +849,23 @@ impl Shared {
     fn fresh_stream_name(&self) -> Arc<str> {
         let durable = self.durable.borrow().clone();
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.last_connection = streams.last_connection.max(durable.last_connection);
         loop {
             streams.last_connection += 1;
-            let name = format!("connection-{}", streams.last_connection);
+            let name = connection_name(streams.last_connection);
             if !streams.by_name.contains_key(&name) && !durable.units.contains_key(&name) {
-                return Arc::from(name);
+                let name: Arc<str> = Arc::from(name);
+                streams.serving.insert(name.clone());
+                return name;
             }
         }
+    }
+
+    /// Marks the connection of a generated name as closed, so the
+    /// checkpoint drops the name at its next commit.
+    fn close_generated(&self, name: &str) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.serving.remove(name);
     }
 
     /// Takes the first connection's converted schema as the source's, or
@@ -889,8 +925,11 @@ impl OpenStream {
     fn open(shared: &Arc<Shared>, name: Arc<str>) -> Result<Self, String> {
         let durable = shared.durable.borrow().clone();
         let mut streams = shared.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        // Streams whose accepted records are all durable need no entry.
-        streams.by_name.retain(|name, state| state.open || state.accepted > durable.progress(name).records);
+        // Streams whose accepted records are all durable need no entry, and
+        // nor do closed generated ones, which no connection can resume.
+        streams.by_name.retain(|name, state| {
+            state.open || (!is_connection_name(name) && state.accepted > durable.progress(name).records)
+        });
         let state = streams.by_name.entry(name.to_string()).or_default();
         if state.open {
             return Err(format!(
@@ -1184,6 +1223,59 @@ mod tests {
         assert_eq!(client.reply(), ack("sensor", 5));
         assert_eq!(client.reply(), None, "the connection closes once all its records are durable");
         running.stop().await;
+    }
+
+    /// A connection without a stream name keeps its entry in the checkpoint
+    /// until it has every ack, and then loses it. The next such connection
+    /// gets a new number, also after a restart on the same checkpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn socket_generated_names_leave_checkpoint() {
+        let mut earlier = checkpoint(&[("named", 4)]);
+        earlier.last_connection = 7;
+        let (source, durable) = start(&config("127.0.0.1:0"), earlier);
+        let keep = source.keeps_unit();
+        let progress = crate::sink::checkpoint::UnitProgress::default();
+        let schema = schema(None, None);
+        let (bytes, _) = encode(&schema, &[records(&schema, 0..2, &[])]);
+        let mut client = Client::send(source.address(), &bytes);
+        assert_eq!(client.reply(), ack("connection-8", 0), "numbers continue from the checkpoint's count");
+        assert!(keep("connection-8", &progress), "an open connection's entry stays");
+        assert!(!keep("connection-3", &progress), "an entry without a connection goes");
+        assert!(keep("named", &progress), "named streams stay");
+
+        let mut running = Running::start(source, 8);
+        assert_eq!(running.next().await.marks, mark("connection-8", 2));
+        let mut after = checkpoint(&[("named", 4), ("connection-8", 2)]);
+        durable.send_replace(Arc::new(after.clone()));
+        assert_eq!(client.reply(), ack("connection-8", 2));
+        assert_eq!(client.reply(), None, "the connection closes once all its records are durable");
+        let closed = async {
+            while keep("connection-8", &progress) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(TIMEOUT, closed).await.expect("the entry goes once the connection closes");
+        after.retain_units(&keep);
+        assert_eq!(after.units.keys().collect::<Vec<_>>(), ["named"]);
+        assert_eq!(after.last_connection, 8);
+        running.stop().await;
+
+        // A restart on that checkpoint, which no longer lists connection-8.
+        let (source, _durable) = start(&config("127.0.0.1:0"), after);
+        let mut client = Client::send(source.address(), &bytes);
+        assert_eq!(client.reply(), ack("connection-9", 0), "a dropped name is not given again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn socket_rejects_reserved_name() {
+        let (source, _durable) = start(&config("127.0.0.1:0"), Checkpoint::new());
+        let schema = schema(Some("connection-2"), None);
+        let (bytes, _) = encode(&schema, &[records(&schema, 0..2, &[])]);
+        let mut client = Client::send(source.address(), &bytes);
+        let error = client.error();
+        assert!(error.contains("\"connection-2\""), "{error}");
+        assert!(error.contains("choose another name"), "{error}");
+        assert_eq!(client.reply(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

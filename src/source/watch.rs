@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use super::{ORDINAL_COLUMN, SchemaCheck, Source, SourceError, same_but_nullability};
 use crate::batch::{Batch, Mark, ORIGIN_COLUMN, Rejected};
 use crate::config::{SourceConfig, WatchSourceConfig};
+use crate::sink::KeepUnit;
 use crate::sink::checkpoint::Checkpoint;
 
 /// Name of the string key column that replaces ordinals.
@@ -121,6 +122,14 @@ impl WatchSource {
 
     pub fn directory(&self) -> &Path {
         &self.config.path
+    }
+
+    /// Returns which units the checkpoint keeps: a complete file stays while
+    /// it is in the directory. A removed file cannot come back under its
+    /// name unless it is new, so the checkpoint drops it.
+    pub fn keeps_unit(&self) -> KeepUnit {
+        let dir = self.config.path.clone();
+        Box::new(move |name, progress| !progress.complete || dir.join(name).exists())
     }
 
     /// Sets the check that the first file's schema must pass.

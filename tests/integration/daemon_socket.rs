@@ -581,6 +581,49 @@ fn bad_socket_input_keeps_serving() {
     daemon.stop(TIMEOUT);
 }
 
+/// Connections without a stream name get `connection-1`, `connection-2`
+/// and so on. Their entries leave the checkpoint once they close, and the
+/// numbering goes on after a restart instead of giving a name again.
+#[test]
+fn unnamed_connections_leave_the_checkpoint() {
+    let setup = setup(false);
+    let mut daemon = setup.start("daemon");
+    let unnamed = digits_as_lists(0..1, None).schema();
+    for (number, range) in [(1, 0..30), (2, 30..60), (3, 60..90)] {
+        let stream = format!("connection-{number}");
+        let mut client = setup.connect();
+        client.start_stream(&unnamed);
+        assert_eq!(client.ack(&stream), 0, "the first reply names the stream {stream}");
+        send_digits(&mut client, range);
+        client.end_stream();
+        assert_acks_rise_to(&client.acks_until_closed(&stream), 30);
+    }
+    // A named stream's commit comes after the unnamed connections closed,
+    // and drops them from the checkpoint.
+    let mut client = setup.connect();
+    client.start_stream(&stream_schema("named", None));
+    assert_eq!(client.ack("named"), 0);
+    send_digits(&mut client, 90..120);
+    client.end_stream();
+    assert_acks_rise_to(&client.acks_until_closed("named"), 30);
+    daemon.stop(TIMEOUT);
+
+    let units = checkpoint_units(&setup.output);
+    assert_eq!(units.keys().collect::<Vec<_>>(), ["named"], "the checkpoint's units");
+    let text = std::fs::read_to_string(setup.output.join("checkpoint.json")).expect("the checkpoint is written");
+    let checkpoint: Value = serde_json::from_str(&text).expect("the checkpoint is JSON");
+    assert_eq!(checkpoint["last_connection"], 3, "the checkpoint counts the connections: {text}");
+    assert_each_id_once(&setup.output, &digit_ids(0..120));
+
+    let mut daemon = setup.start("restart");
+    let mut client = setup.connect();
+    client.start_stream(&unnamed);
+    assert_eq!(client.ack("connection-4"), 0, "a restart goes on with the next number");
+    client.end_stream();
+    assert_eq!(client.acks_until_closed("connection-4"), Vec::<u64>::new());
+    daemon.stop(TIMEOUT);
+}
+
 /// SIGTERM while a client on a Unix socket is in the middle of its stream:
 /// the daemon exits with 0. The output contains the stream's first N
 /// records once each, where N is the durable count and covers every ack.
