@@ -31,10 +31,22 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {message}", file.display())]
-    Syntax { file: PathBuf, message: String },
+    #[error("{}: {message}", Position(file, *position))]
+    Syntax { file: PathBuf, position: Option<(usize, usize)>, message: String },
     #[error("{}", Located(file, problems))]
     Invalid { file: PathBuf, problems: Vec<(Option<(usize, usize)>, ConfigProblem)> },
+}
+
+/// A file with a line and column, where known: `FILE:LINE:COLUMN`.
+struct Position<'a>(&'a Path, Option<(usize, usize)>);
+
+impl fmt::Display for Position<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some((line, column)) => write!(f, "{}:{line}:{column}", self.0.display()),
+            None => write!(f, "{}", self.0.display()),
+        }
+    }
 }
 
 struct Located<'a>(&'a Path, &'a [(Option<(usize, usize)>, ConfigProblem)]);
@@ -44,11 +56,7 @@ impl fmt::Display for Located<'_> {
         let count = self.1.len();
         write!(f, "{} has {count} problem{}", self.0.display(), if count == 1 { "" } else { "s" })?;
         for (position, problem) in self.1 {
-            match position {
-                Some((line, column)) => write!(f, "\n  {}:{line}:{column}: ", self.0.display())?,
-                None => write!(f, "\n  {}: ", self.0.display())?,
-            }
-            write!(f, "{}: {}", problem.path, problem.message)?;
+            write!(f, "\n  {}: {}: {}", Position(self.0, *position), problem.path, problem.message)?;
         }
         Ok(())
     }
@@ -81,7 +89,9 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
     let locator = Locator::new(&text);
     let mut config = match super::parse::parse(&text) {
         Ok(config) => config,
-        Err(Ok(message)) => return Err(ConfigError::Syntax { file: file.to_path_buf(), message }),
+        Err(Ok((position, message))) => {
+            return Err(ConfigError::Syntax { file: file.to_path_buf(), position, message });
+        }
         Err(Err(problems)) => {
             let problems = problems.into_iter().map(|p| (locator.find(&p.path), p)).collect();
             return Err(ConfigError::Invalid { file: file.to_path_buf(), problems });

@@ -29,17 +29,17 @@ struct TopLevel {
     daemon: Option<Value>,
 }
 
-/// Parses a pipeline file. `Err(Ok(message))` is a syntax or top-level
-/// error that serde locates itself; `Err(Err(problems))` lists section
-/// errors by path.
-pub fn parse(text: &str) -> Result<PipelineConfig, Result<String, Vec<ConfigProblem>>> {
+/// Parses a pipeline file. `Err(Ok((position, message)))` is a syntax or
+/// top-level error that serde locates itself, at a line and column where
+/// it gives one. `Err(Err(problems))` lists section errors by path.
+pub fn parse(text: &str) -> Result<PipelineConfig, SyntaxOrProblems> {
     // serde gives no position for an unknown top-level key, so those are
     // found here and reported by path, which the loader locates.
     let unknown = unknown_top_level_keys(text);
     if !unknown.is_empty() {
         return Err(Err(unknown));
     }
-    let top: TopLevel = serde_yaml_ng::from_str(text).map_err(|err| Ok(plain_types(&err.to_string())))?;
+    let top: TopLevel = serde_yaml_ng::from_str(text).map_err(|err| Ok(syntax_message(&err)))?;
     let mut problems = Vec::new();
 
     let seed = section::<u64>("seed", top.seed, &mut problems);
@@ -258,6 +258,30 @@ fn unknown_field(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
+/// A YAML error with its line and column, or the problems of sections.
+pub type SyntaxOrProblems = Result<(Option<(usize, usize)>, String), Vec<ConfigProblem>>;
+
+/// Splits a YAML error into its position and a message without it.
+fn syntax_message(err: &serde_yaml_ng::Error) -> (Option<(usize, usize)>, String) {
+    let mut message = plain_types(&err.to_string());
+    let position = err.location().map(|location| (location.line(), location.column()));
+    if let Some((line, column)) = position {
+        let suffix = format!(" at line {line} column {column}");
+        if let Some(start) = message.find(&suffix) {
+            message.replace_range(start..start + suffix.len(), "");
+        }
+    }
+    // An integer beyond 64 bits fails as the wrong type for any YAML value.
+    if message.contains("invalid type: integer") && message.contains("expected any YAML value") {
+        message = message.replace(
+            "invalid type: integer",
+            "integer out of range: integers in a pipeline file must lie between -9223372036854775808 and 18446744073709551615, found",
+        );
+        message = message.replace(", expected any YAML value", "");
+    }
+    (position, message)
+}
+
 /// Rewrites Rust type names in serde messages as plain words.
 fn plain_types(message: &str) -> String {
     let mut text = message.to_string();
@@ -288,6 +312,30 @@ mod tests {
     }
 
     const HEADER: &str = "seed: 1\nsource: {kind: npy, path: x.npy}\nsink: {kind: arrow_file, path: y.arrow}\n";
+
+    fn syntax_error(text: &str) -> (Option<(usize, usize)>, String) {
+        match parse(text) {
+            Err(Ok(syntax)) => syntax,
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn syntax_error_position_is_separate() {
+        let (position, message) = syntax_error("seed: 1\nsource: {kind: latent, records: 3\n");
+        assert_eq!(position, Some((3, 1)));
+        assert!(message.starts_with("did not find expected ',' or '}'"), "{message}");
+        assert!(!message.contains("at line 3 column 1"), "{message}");
+    }
+
+    #[test]
+    fn integer_beyond_64_bits_is_out_of_range() {
+        let (position, message) = syntax_error("seed: 1\nsource:\n  records: 99999999999999999999\n");
+        assert_eq!(position, Some((3, 12)));
+        assert!(message.contains("integer out of range"), "{message}");
+        assert!(message.contains("18446744073709551615, found `99999999999999999999`"), "{message}");
+        assert!(!message.contains("any YAML value"), "{message}");
+    }
 
     #[test]
     fn unknown_stage_key_names_stage_and_key() {
