@@ -48,7 +48,11 @@ def build_mlp_heavy(path):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
+    # Written under a temporary name and renamed, so an interrupted run
+    # leaves no file under the final name.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(model.SerializeToString())
+    os.replace(partial, path)
 
 
 def write_npy(path, shape, make):
@@ -56,10 +60,13 @@ def write_npy(path, shape, make):
         try:
             if np.load(path, mmap_mode="r").shape == shape:
                 return
-        except (ValueError, OSError):
-            pass  # unreadable, for example cut short by an interrupted run: written again
-    # Written in chunks so the peak memory stays small.
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        except (ValueError, OSError, EOFError):
+            pass  # unreadable, for example an empty file: written again
+    # Written in chunks so the peak memory stays small, under a temporary
+    # name and renamed at the end, so an interrupted run leaves no file
+    # with part of its values under the final name.
+    partial = path.with_name(path.name + ".partial")
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
     rng = np.random.default_rng(7)
     step = max(1, 2_000_000 // int(np.prod(shape[1:])) * 16)
     for start in range(0, shape[0], step):
@@ -67,6 +74,7 @@ def write_npy(path, shape, make):
         array[start:stop] = make(rng, (stop - start, *shape[1:]))
     array.flush()
     del array
+    os.replace(partial, path)
 
 
 def main():

@@ -141,7 +141,7 @@ def main():
                         help="factor on the records per run: 2,000,000 digits, 20,000 conv, 60,000 heavy (default 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "target" / "bench",
                         help="folder for the models, inputs and outputs (default target/bench)")
-    parser.add_argument("--cases", default="",
+    parser.add_argument("--cases",
                         help="comma-separated case names or name prefixes to run, such as `conv_b256,noise`: the "
                              "table's cases and `noise` and `memory` (default: all)")
     args = parser.parse_args()
@@ -179,7 +179,9 @@ def main():
                       "infer_extra": ", threads: 0, sessions: 1"})
 
     every_name = [case["name"] for case in cases] + ["noise", "memory"]
-    requested = [prefix.strip() for prefix in args.cases.split(",") if prefix.strip()]
+    requested = [prefix.strip() for prefix in (args.cases or "").split(",") if prefix.strip()]
+    if args.cases is not None and not requested:
+        parser.error(f"--cases {args.cases!r} names no case; leave --cases out to run them all")
     unmatched = [prefix for prefix in requested if not any(name.startswith(prefix) for name in every_name)]
     if unmatched:
         parser.error(f"--cases {', '.join(unmatched)} matches no case; the cases are {', '.join(every_name)}")
@@ -260,4 +262,7 @@ def print_memory(binary, models, work):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

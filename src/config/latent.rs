@@ -219,20 +219,34 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
     let mut push = |path: &str, message: String| problems.push(ConfigProblem::new(format!("source.{path}"), message));
 
+    // Records are keyed by an int64 ordinal.
+    let ordinals = i64::MAX as u64;
     if source.records == 0 {
         push("records", String::from("must be at least 1, found 0"));
+    } else if source.records > ordinals {
+        push("records", format!("must be at most {ordinals}, the largest int64 ordinal, found {}", source.records));
     }
     if source.shape.is_empty() || source.shape.contains(&0) {
         push("shape", format!("must be a non-empty list of positive sizes, found {:?}", source.shape));
     }
     check_prior(&source.prior, &mut push);
-    if let Some(interpolate) = &source.interpolate
-        && interpolate.steps < 2
-    {
-        push(
-            "interpolate.steps",
-            format!("must be at least 2 (both endpoints are records), found {}", interpolate.steps),
-        );
+    if let Some(interpolate) = &source.interpolate {
+        if interpolate.steps < 2 {
+            push(
+                "interpolate.steps",
+                format!("must be at least 2 (both endpoints are records), found {}", interpolate.steps),
+            );
+        } else if source.records <= ordinals
+            && u64::from(interpolate.steps).checked_mul(source.records).is_none_or(|total| total > ordinals)
+        {
+            push(
+                "interpolate.steps",
+                format!(
+                    "gives {} paths of {} records, more than {ordinals}, the largest int64 ordinal; draw fewer paths or steps",
+                    source.records, interpolate.steps
+                ),
+            );
+        }
     }
 
     let mut reserved = vec![crate::source::ORDINAL_COLUMN];

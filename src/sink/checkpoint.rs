@@ -32,9 +32,9 @@ pub struct Checkpoint {
     pub next_file: u64,
     /// Progress of each input unit, by name.
     pub units: BTreeMap<String, UnitProgress>,
-    /// Highest `N` of the `connection-N` stream names given so far. Such a
-    /// stream leaves `units` once its connection closes, and this number
-    /// keeps its name from being given again.
+    /// Highest `N` of the `connection-N` stream names with durable records.
+    /// Such a stream leaves `units` once its connection closes, and this
+    /// number keeps its name from being given again.
     #[serde(default)]
     pub last_connection: u64,
 }

@@ -11,9 +11,9 @@
 //! - `stochflow.stream`: the stream's name. A stream's records are counted
 //!   from its first record ever, across connections and daemon restarts, and
 //!   the daemon's checkpoint stores how many of them are durable. Without
-//!   it, the connection gets a fresh name `connection-N` that was never
-//!   given before, in this process or an earlier one on the same output
-//!   directory, so it can never be resumed. Its entry leaves the checkpoint
+//!   it, the connection gets a fresh name `connection-N`, not given before in
+//!   this process and carried by no durable record of an earlier one on the
+//!   same output directory, so it can never be resumed. Its entry leaves the checkpoint
 //!   at the first commit after the connection closes. Names of that form are reserved: a client
 //!   cannot choose one.
 //! - `stochflow.offset`: the position in the stream of the connection's

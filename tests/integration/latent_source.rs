@@ -287,6 +287,27 @@ fn bad_latent_settings_name_lines() {
     }
 }
 
+/// Record counts beyond the int64 ordinal are rejected, for plain records
+/// and for paths of several steps each.
+#[test]
+fn record_counts_beyond_int64_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "  records: 9223372036854775808\n  shape: [8]",
+            "source.records: must be at most 9223372036854775807, the largest int64 ordinal, found 9223372036854775808",
+        ),
+        (
+            "  records: 2000000000000000000\n  shape: [8]\n  interpolate: {steps: 9}",
+            "source.interpolate.steps: gives 2000000000000000000 paths of 9 records, more than 9223372036854775807",
+        ),
+    ];
+    for (source, expected) in cases {
+        let stderr = invalid(dir.path(), &latent_pipeline(1, source));
+        assert!(stderr.contains(expected), "{source}: missing {expected:?} in {stderr}");
+    }
+}
+
 /// Parameters beyond float32 are rejected: values are stored as float32,
 /// and a truncated normal with bounds beyond 1e154 in standard units can
 /// never accept a proposal, since their squares overflow.
