@@ -115,10 +115,8 @@ impl Checkpoint {
         }
         // A checkpoint written before `last_connection` existed has only
         // its units to count.
-        let units: Vec<String> = checkpoint.units.keys().cloned().collect();
-        for unit in &units {
-            checkpoint.count_connection(unit);
-        }
+        let highest = checkpoint.units.keys().filter_map(|unit| connection_number(unit)).max().unwrap_or(0);
+        checkpoint.last_connection = checkpoint.last_connection.max(highest);
         Ok(checkpoint)
     }
 
