@@ -21,8 +21,9 @@
 //!
 //! The daemon writes newline-delimited JSON back on the same connection:
 //!
-//! - `{"stream":"NAME","committed":N}` as soon as the schema is read: the
-//!   stream's first N records are durable.
+//! - `{"stream":"NAME","committed":N}` as soon as the schema is read and
+//!   the stream is open on this connection: the stream's first N records are
+//!   durable.
 //! - `{"stream":"NAME","committed":M}` each time more of the stream's records
 //!   become durable.
 //! - `{"error":"MESSAGE"}` on a protocol error, after which the daemon closes
@@ -604,11 +605,11 @@ impl Connection {
         self.stream = Some(name.clone());
         let committed = self.shared.durable.borrow().progress(&name).records;
         // The stream is taken before the first reply, so that once a client
-        // has read that reply, no other connection can take the stream.
-        let open = OpenStream::open(&self.shared, name.clone());
+        // has read that reply, no other connection can take the stream. A
+        // connection that cannot take it gets the error alone.
+        let open = OpenStream::open(&self.shared, name.clone())?;
         let _ = self.replies.send(Reply::Opened { stream: name.clone(), committed });
         tracing::info!(peer = %self.peer, stream = %name, offset, committed, "socket stream opened");
-        let open = open?;
         let settings = ColumnSettings {
             id_column: self.shared.config.id_column.as_deref(),
             columns: self.shared.config.columns.as_deref(),
@@ -1388,10 +1389,11 @@ mod tests {
         first.output.write_all(&bytes[..ends[0]]).unwrap();
         assert_eq!(first.reply(), ack("s", 0));
 
+        // The second connection gets the error without an ack first.
         let mut second = Client::send(&address, &bytes);
-        assert_eq!(second.reply(), ack("s", 0));
         let error = second.error();
         assert!(error.contains("open on another connection"), "{error}");
+        assert_eq!(second.reply(), None);
 
         first.output.write_all(&bytes[ends[0]..]).unwrap();
         (first.close_write)();
