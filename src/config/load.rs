@@ -87,6 +87,22 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
     let text =
         std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
     let locator = Locator::new(&text);
+    // The deserializer would stop at the first repeated key, at the
+    // mapping's position; each repeat is listed here at its own line.
+    if !locator.duplicates().is_empty() {
+        let problems = locator
+            .duplicates()
+            .iter()
+            .map(|repeat| {
+                let message = format!(
+                    "`{}` is given again; it was first given at line {}, so remove one of the two",
+                    repeat.key, repeat.first.0
+                );
+                (Some(repeat.position), ConfigProblem::new(repeat.path.clone(), message))
+            })
+            .collect();
+        return Err(ConfigError::Invalid { file: file.to_path_buf(), problems });
+    }
     let mut config = match super::parse::parse(&text) {
         Ok(config) => config,
         Err(Ok((position, message))) => {

@@ -12,6 +12,20 @@ use yaml_rust2::scanner::Marker;
 #[derive(Clone, Debug, Default)]
 pub struct Locator {
     positions: HashMap<String, (usize, usize)>,
+    duplicates: Vec<Duplicate>,
+}
+
+/// A key given again in the same mapping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Duplicate {
+    /// The key, such as `std`.
+    pub key: String,
+    /// The key's path, such as `stages[0].std`.
+    pub path: String,
+    /// Where the key is given again.
+    pub position: (usize, usize),
+    /// Where the key is first given.
+    pub first: (usize, usize),
 }
 
 impl Locator {
@@ -23,7 +37,13 @@ impl Locator {
         if parser.load(&mut builder, false).is_err() {
             return Self::default();
         }
-        Self { positions: builder.positions }
+        Self { positions: builder.positions, duplicates: builder.duplicates }
+    }
+
+    /// Keys given more than once in the same mapping, each repeat once, in
+    /// the order of the document.
+    pub fn duplicates(&self) -> &[Duplicate] {
+        &self.duplicates
     }
 
     /// Returns the position of `path`, or of its nearest ancestor that is in
@@ -41,14 +61,22 @@ impl Locator {
 }
 
 enum Container {
-    Mapping { expecting_key: bool, key: Option<String> },
-    Sequence { index: usize },
+    /// `seen` holds the mapping's keys so far, with their positions.
+    Mapping {
+        expecting_key: bool,
+        key: Option<String>,
+        seen: HashMap<String, (usize, usize)>,
+    },
+    Sequence {
+        index: usize,
+    },
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<(String, Container)>,
     positions: HashMap<String, (usize, usize)>,
+    duplicates: Vec<Duplicate>,
 }
 
 impl Builder {
@@ -60,7 +88,7 @@ impl Builder {
         };
         match container {
             Container::Mapping { expecting_key: true, .. } => None,
-            Container::Mapping { expecting_key, key } => {
+            Container::Mapping { expecting_key, key, .. } => {
                 *expecting_key = true;
                 let key = key.take().unwrap_or_default();
                 Some(if parent.is_empty() { key } else { format!("{parent}.{key}") })
@@ -85,12 +113,23 @@ impl MarkedEventReceiver for Builder {
                 }
                 let (parent, container) = self.stack.last_mut().expect("a key is inside a mapping");
                 let path = if parent.is_empty() { value.clone() } else { format!("{parent}.{value}") };
-                self.positions.insert(path, (mark.line(), mark.col() + 1));
-                *container = Container::Mapping { expecting_key: false, key: Some(value) };
+                let position = (mark.line(), mark.col() + 1);
+                let Container::Mapping { expecting_key, key, seen } = container else {
+                    unreachable!("only a mapping expects a key")
+                };
+                match seen.get(&value) {
+                    Some(&first) => self.duplicates.push(Duplicate { key: value.clone(), path, position, first }),
+                    None => {
+                        seen.insert(value.clone(), position);
+                        self.positions.insert(path, position);
+                    }
+                }
+                *expecting_key = false;
+                *key = Some(value);
             }
             Event::MappingStart(..) => {
                 let path = self.enter_node(mark).unwrap_or_default();
-                self.stack.push((path, Container::Mapping { expecting_key: true, key: None }));
+                self.stack.push((path, Container::Mapping { expecting_key: true, key: None, seen: HashMap::new() }));
             }
             Event::SequenceStart(..) => {
                 let path = self.enter_node(mark).unwrap_or_default();
@@ -127,5 +166,33 @@ mod tests {
         let locator = Locator::new(TEXT);
         assert_eq!(locator.find("stages[1].model"), locator.find("stages[1]"));
         assert_eq!(locator.find("stages[1]").map(|p| p.0), Some(8));
+    }
+
+    #[test]
+    fn repeated_keys_are_listed_at_the_repeat() {
+        let text = "seed: 1\nstages:\n  - kind: add_noise\n    std: 0.1\n    std: 0.2\n    std: 0.3\n  - {kind: infer, kind: sample}\nseed: 2\n";
+        let locator = Locator::new(text);
+        let found: Vec<String> = locator
+            .duplicates()
+            .iter()
+            .map(|d| format!("{} {}:{} first {}:{}", d.path, d.position.0, d.position.1, d.first.0, d.first.1))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "stages[0].std 5:5 first 4:5",
+                "stages[0].std 6:5 first 4:5",
+                "stages[1].kind 7:19 first 7:6",
+                "seed 8:1 first 1:1",
+            ]
+        );
+        // The first occurrence keeps its position.
+        assert_eq!(locator.find("stages[0].std"), Some((4, 5)));
+    }
+
+    #[test]
+    fn equal_keys_in_different_mappings_are_no_repeat() {
+        let locator = Locator::new("a: {x: 1}\nb: {x: 2}\nc: [{x: 1}, {x: 2}]\n");
+        assert!(locator.duplicates().is_empty(), "{:?}", locator.duplicates());
     }
 }

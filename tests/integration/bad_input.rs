@@ -206,6 +206,25 @@ fn output_over_key_column_is_rejected() {
 }
 
 #[test]
+fn repeated_keys_are_each_named_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - kind: add_noise\n    column: pixels\n    std: 0.1\n    std: 0.2\nsink: {{kind: arrow_file, path: x.arrow}}\nseed: 2\n",
+        digits_source()
+    );
+    assert_fails(
+        dir.path(),
+        "repeated_keys",
+        &yaml,
+        &[
+            "has 2 problems",
+            ":7:5: stages[0].std: `std` is given again; it was first given at line 6, so remove one of the two",
+            ":9:1: seed: `seed` is given again; it was first given at line 1",
+        ],
+    );
+}
+
+#[test]
 fn unknown_top_level_key_names_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
