@@ -166,7 +166,9 @@ fn no_shift() -> RangeConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RandomCropConfig {
+    #[serde(deserialize_with = "super::count::count")]
     pub height: usize,
+    #[serde(deserialize_with = "super::count::count")]
     pub width: usize,
 }
 

@@ -16,6 +16,7 @@ pub struct LatentSourceConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// Records to draw; with `interpolate`, paths to draw, each giving `steps` records.
+    #[serde(deserialize_with = "super::count::count")]
     pub records: u64,
     /// Per-record shape of the latent tensor.
     pub shape: Vec<usize>,
@@ -31,7 +32,7 @@ pub struct LatentSourceConfig {
     /// Interpolate between two random endpoints instead of drawing each record.
     #[serde(default)]
     pub interpolate: Option<InterpolateConfig>,
-    #[serde(default = "default_latent_batch")]
+    #[serde(default = "default_latent_batch", deserialize_with = "super::count::count")]
     pub batch_size: usize,
 }
 

@@ -6,6 +6,7 @@
 
 mod augment;
 mod check;
+mod count;
 mod daemon;
 mod image_sink;
 mod latent;
@@ -68,10 +69,10 @@ pub struct PipelineConfig {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Batches each CPU stage processes at once, on separate threads.
-    #[serde(default = "default_workers")]
+    #[serde(default = "default_workers", deserialize_with = "count::count")]
     pub workers: usize,
     /// Batches each channel between two tasks contains before the sender waits.
-    #[serde(default = "default_channel_capacity")]
+    #[serde(default = "default_channel_capacity", deserialize_with = "count::count")]
     pub channel_capacity: usize,
 }
 

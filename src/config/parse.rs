@@ -294,6 +294,8 @@ fn plain_types(message: &str) -> String {
         ("expected f32", "expected a number"),
         (" as u128", ""),
         (" as i128", ""),
+        // A key with nothing after its colon.
+        ("invalid type: unit value, expected", "no value given, expected"),
     ] {
         text = text.replace(rust, plain);
     }
@@ -353,7 +355,21 @@ mod tests {
             "{HEADER}stages:\n  - {{kind: infer, model: m.onnx, inputs: {{x: x}}, sessions: two}}\n"
         ));
         assert_eq!(found[0].path, "stages[0].sessions");
-        assert!(found[0].message.contains("expected a non-negative integer"), "{}", found[0].message);
+        assert!(found[0].message.contains("expected an integer of at least 1"), "{}", found[0].message);
+    }
+
+    #[test]
+    fn empty_value_says_so() {
+        let found =
+            problems("seed:\nsource: {kind: latent, records: , shape: [2]}\nsink: {kind: arrow_file, path: y.arrow}\n");
+        let found: Vec<String> = found.into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(
+            found,
+            [
+                "seed: no value given, expected a non-negative integer",
+                "source.records: no value given, expected an integer of at least 1"
+            ]
+        );
     }
 
     #[test]

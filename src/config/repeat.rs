@@ -8,5 +8,6 @@ pub struct RepeatConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// Rows per record; each gets its index in the `sample` column.
+    #[serde(deserialize_with = "super::count::count")]
     pub samples: u32,
 }

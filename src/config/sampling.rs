@@ -25,7 +25,7 @@ pub struct SampleConfig {
     #[serde(default = "default_temperature")]
     pub temperature: f64,
     /// Keep only the `k` most likely classes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "super::count::optional_count")]
     pub top_k: Option<usize>,
     /// Keep the smallest set of most likely classes whose mass reaches `p`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +48,7 @@ pub struct SampleConfig {
     pub step: Option<f64>,
     /// Samples drawn per record; more than one adds a `sample` index column
     /// and repeats the record's other columns.
-    #[serde(default = "default_samples")]
+    #[serde(default = "default_samples", deserialize_with = "super::count::count")]
     pub samples: u32,
     /// Column the draw goes to; the default depends on the distribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]

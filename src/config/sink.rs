@@ -23,7 +23,7 @@ pub struct ArrowFileSinkConfig {
     pub columns: Option<Vec<String>>,
     /// Rows per record batch in the file. The file's batches depend on this
     /// alone, never on the pipeline's internal batch sizes.
-    #[serde(default = "default_rows_per_batch")]
+    #[serde(default = "default_rows_per_batch", deserialize_with = "super::count::count")]
     pub rows_per_batch: usize,
     /// Also writes a tensor column as PNG files, one per row.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -110,7 +110,7 @@ pub struct ImagesSourceConfig {
     #[serde(default = "default_image_column")]
     pub column: String,
     /// Records per batch that the source emits.
-    #[serde(default = "default_image_batch")]
+    #[serde(default = "default_image_batch", deserialize_with = "super::count::count")]
     pub batch_size: usize,
 }
 
@@ -146,7 +146,7 @@ pub struct ArrowFileSourceConfig {
     /// length does not match the shape is rejected.
     #[serde(default)]
     pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
-    #[serde(default = "default_table_batch")]
+    #[serde(default = "default_table_batch", deserialize_with = "super::count::count")]
     pub batch_size: usize,
 }
 
@@ -163,7 +163,7 @@ pub struct NpySourceConfig {
     /// Name of the tensor column the rows go to.
     #[serde(default = "default_npy_column")]
     pub column: String,
-    #[serde(default = "default_table_batch")]
+    #[serde(default = "default_table_batch", deserialize_with = "super::count::count")]
     pub batch_size: usize,
 }
 

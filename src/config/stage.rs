@@ -124,9 +124,9 @@ impl ColorOrder {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResizeConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::count::optional_count")]
     pub width: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::count::optional_count")]
     pub height: Option<u32>,
     #[serde(default)]
     pub shorter_side: Option<u32>,
@@ -147,7 +147,9 @@ pub enum ResizeFilter {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CropConfig {
+    #[serde(deserialize_with = "super::count::count")]
     pub width: u32,
+    #[serde(deserialize_with = "super::count::count")]
     pub height: u32,
 }
 
@@ -184,7 +186,7 @@ pub struct InferConfig {
     #[serde(default)]
     pub outputs: Option<BTreeMap<String, String>>,
     /// Records per model run.
-    #[serde(default = "default_infer_batch")]
+    #[serde(default = "default_infer_batch", deserialize_with = "super::count::count")]
     pub batch_size: usize,
     /// Intra-op threads per session; 0 lets ONNX Runtime choose. By default,
     /// the cores divided among the sessions.
@@ -192,7 +194,7 @@ pub struct InferConfig {
     pub threads: Option<usize>,
     /// Sessions that run batches in parallel. By default, the number of
     /// cores, at most 4.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::count::optional_count")]
     pub sessions: Option<usize>,
 }
 

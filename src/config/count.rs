@@ -1,0 +1,120 @@
+//! Counts and sizes that must be at least 1. A negative value is rejected
+//! while the file is read, with a message that gives the real lower bound;
+//! zero is left to the checks, which report it together with the file's
+//! other problems.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserializer;
+use serde::de::{self, Unexpected, Visitor};
+
+/// Integer types that a count is read into.
+pub trait Count: Sized {
+    const MAX: u64;
+    fn from_u64(value: u64) -> Self;
+}
+
+impl Count for u32 {
+    const MAX: u64 = u32::MAX as u64;
+    fn from_u64(value: u64) -> Self {
+        value as u32
+    }
+}
+
+impl Count for u64 {
+    const MAX: u64 = u64::MAX;
+    fn from_u64(value: u64) -> Self {
+        value
+    }
+}
+
+impl Count for usize {
+    const MAX: u64 = usize::MAX as u64;
+    fn from_u64(value: u64) -> Self {
+        value as usize
+    }
+}
+
+struct CountVisitor<T>(PhantomData<T>);
+
+impl<T: Count> Visitor<'_> for CountVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if T::MAX == u64::MAX {
+            f.write_str("an integer of at least 1")
+        } else {
+            write!(f, "an integer from 1 to {}", T::MAX)
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<T, E> {
+        if value > T::MAX {
+            return Err(E::invalid_value(Unexpected::Unsigned(value), &self));
+        }
+        Ok(T::from_u64(value))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<T, E> {
+        match u64::try_from(value) {
+            Ok(value) => self.visit_u64(value),
+            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+        }
+    }
+}
+
+/// Reads a count, for `#[serde(deserialize_with = ...)]`.
+pub fn count<'de, D: Deserializer<'de>, T: Count>(deserializer: D) -> Result<T, D::Error> {
+    deserializer.deserialize_u64(CountVisitor(PhantomData))
+}
+
+/// Reads an optional count; a missing key needs `#[serde(default)]` too.
+pub fn optional_count<'de, D: Deserializer<'de>, T: Count>(deserializer: D) -> Result<Option<T>, D::Error> {
+    count(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Counts {
+        #[serde(default, deserialize_with = "super::count")]
+        records: u64,
+        #[serde(default, deserialize_with = "super::count")]
+        samples: u32,
+        #[serde(default, deserialize_with = "super::optional_count")]
+        top_k: Option<usize>,
+    }
+
+    /// Reads through a YAML value, as the pipeline file's sections are.
+    fn read(text: &str) -> Result<Counts, String> {
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap();
+        serde_yaml_ng::from_value(value).map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn reads_counts_zero_included() {
+        let counts = read("{records: 18446744073709551615, samples: 4294967295, top_k: 0}").unwrap();
+        assert_eq!((counts.records, counts.samples, counts.top_k), (u64::MAX, u32::MAX, Some(0)));
+        assert_eq!(read("{}").unwrap().top_k, None);
+    }
+
+    #[test]
+    fn negative_count_names_the_lower_bound() {
+        let message = read("{records: -3}").unwrap_err();
+        assert!(message.contains("invalid value: integer `-3`, expected an integer of at least 1"), "{message}");
+        let message = read("{top_k: -1}").unwrap_err();
+        assert!(message.contains("integer `-1`, expected an integer of at least 1"), "{message}");
+    }
+
+    #[test]
+    fn narrow_count_names_its_range() {
+        let message = read("{samples: 4294967296}").unwrap_err();
+        assert!(message.contains("integer `4294967296`, expected an integer from 1 to 4294967295"), "{message}");
+        let message = read("{samples: 2.5}").unwrap_err();
+        assert!(message.contains("floating point `2.5`, expected an integer from 1 to 4294967295"), "{message}");
+    }
+}
