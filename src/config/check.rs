@@ -4,16 +4,56 @@
 use std::collections::HashSet;
 
 use super::load::ConfigProblem;
-use super::{PipelineConfig, SinkConfig, SourceConfig, StageConfig};
+use super::{PipelineConfig, RuntimeConfig, SinkConfig, SourceConfig, StageConfig};
 
 pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
+    let stages: Vec<Option<&StageConfig>> = config.stages.iter().map(Some).collect();
+    check_sections(Sections {
+        source: Some(&config.source),
+        stages: &stages,
+        sink: Some(&config.sink),
+        runtime: Some(&config.runtime),
+    })
+}
+
+/// The sections of a pipeline file that were read without problems; the
+/// others are `None`, and stages keep their indices.
+pub struct Sections<'a> {
+    pub source: Option<&'a SourceConfig>,
+    pub stages: &'a [Option<&'a StageConfig>],
+    pub sink: Option<&'a SinkConfig>,
+    pub runtime: Option<&'a RuntimeConfig>,
+}
+
+/// Checks the sections that are present, so that problems of one section
+/// are listed together with type errors in another.
+pub fn check_sections(sections: Sections<'_>) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    if let Some(source) = sections.source {
+        problems.extend(check_source(source));
+        problems.extend(super::latent::check(source, sections.stages));
+    }
+    if let Some(runtime) = sections.runtime {
+        problems.extend(check_runtime(runtime));
+    }
+    problems.extend(check_stages(sections.stages));
+    if let Some(sink) = sections.sink {
+        let SinkConfig::ArrowFile(arrow) = sink;
+        if arrow.rows_per_batch == 0 {
+            problems.push(ConfigProblem::new("sink.rows_per_batch", "must be at least 1, found 0"));
+        }
+        problems.extend(super::image_sink::check(sink));
+    }
+    problems
+}
+
+fn check_source(source: &SourceConfig) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
     let mut push = |path: String, message: String| problems.push(ConfigProblem::new(path, message));
-
-    if config.source.batch_size() == 0 {
+    if source.batch_size() == 0 {
         push("source.batch_size".into(), "must be at least 1, found 0".into());
     }
-    if let SourceConfig::ArrowFile(source) = &config.source {
+    if let SourceConfig::ArrowFile(source) = source {
         for (column, tensor) in &source.tensors {
             if tensor.shape.is_empty() || tensor.shape.contains(&0) {
                 push(
@@ -23,16 +63,26 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
             }
         }
     }
+    problems
+}
 
-    if config.runtime.workers == 0 {
-        push("runtime.workers".into(), "must be at least 1, found 0".into());
+fn check_runtime(runtime: &RuntimeConfig) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    if runtime.workers == 0 {
+        problems.push(ConfigProblem::new("runtime.workers", "must be at least 1, found 0"));
     }
-    if config.runtime.channel_capacity == 0 {
-        push("runtime.channel_capacity".into(), "must be at least 1, found 0".into());
+    if runtime.channel_capacity == 0 {
+        problems.push(ConfigProblem::new("runtime.channel_capacity", "must be at least 1, found 0"));
     }
+    problems
+}
 
+fn check_stages(stages: &[Option<&StageConfig>]) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    let mut push = |path: String, message: String| problems.push(ConfigProblem::new(path, message));
     let mut names = HashSet::new();
-    for (index, stage) in config.stages.iter().enumerate() {
+    for (index, stage) in stages.iter().enumerate() {
+        let Some(stage) = stage else { continue };
         let at = |key: &str| format!("stages[{index}].{key}");
         if !names.insert(stage.name().to_string()) {
             push(
@@ -151,12 +201,5 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
             StageConfig::Augment(c) => c.problems().into_iter().for_each(|(key, message)| push(at(&key), message)),
         }
     }
-
-    let SinkConfig::ArrowFile(sink) = &config.sink;
-    if sink.rows_per_batch == 0 {
-        push("sink.rows_per_batch".into(), "must be at least 1, found 0".into());
-    }
-    problems.extend(super::latent::check(config));
-    problems.extend(super::image_sink::check(config));
     problems
 }

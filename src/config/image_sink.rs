@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::load::ConfigProblem;
-use super::{Layout, PipelineConfig, SinkConfig};
+use super::{Layout, SinkConfig};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -32,8 +32,8 @@ fn default_bit_depth() -> u8 {
 }
 
 /// Checks `sink.images`; no problems when the section is absent.
-pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
-    let SinkConfig::ArrowFile(sink) = &config.sink;
+pub fn check(sink: &SinkConfig) -> Vec<ConfigProblem> {
+    let SinkConfig::ArrowFile(sink) = sink;
     let Some(images) = &sink.images else {
         return Vec::new();
     };

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::load::ConfigProblem;
-use super::{PipelineConfig, SourceConfig};
+use super::{SourceConfig, StageConfig};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -213,8 +213,8 @@ pub const STEP_COLUMN: &str = "step";
 pub const FRACTION_COLUMN: &str = "t";
 
 /// Checks a `latent` source section; no problems for other sources.
-pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
-    let SourceConfig::Latent(source) = &config.source else {
+pub fn check(source: &SourceConfig, stages: &[Option<&StageConfig>]) -> Vec<ConfigProblem> {
+    let SourceConfig::Latent(source) = source else {
         return Vec::new();
     };
     let mut problems = Vec::new();
@@ -283,8 +283,8 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     }
 
     let stream_name = source.stream_name();
-    for (index, stage) in config.stages.iter().enumerate() {
-        if stage.name() == stream_name {
+    for (index, stage) in stages.iter().enumerate() {
+        if stage.is_some_and(|stage| stage.name() == stream_name) {
             problems.push(ConfigProblem::new(
                 format!("stages[{index}].name"),
                 format!(

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::check::{Sections, check_sections};
 use super::locate::Locator;
+use super::parse::ParseError;
 use super::{PipelineConfig, SinkConfig, SourceConfig, StageConfig};
 
 /// One problem in a pipeline file, at a path such as `stages[1].std`.
@@ -105,12 +107,20 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
     }
     let mut config = match super::parse::parse(&text) {
         Ok(config) => config,
-        Err(Ok((position, message))) => {
+        Err(ParseError::Syntax { position, message }) => {
             return Err(ConfigError::Syntax { file: file.to_path_buf(), position, message });
         }
-        Err(Err(problems)) => {
-            let problems = problems.into_iter().map(|p| (locator.find(&p.path), p)).collect();
-            return Err(ConfigError::Invalid { file: file.to_path_buf(), problems });
+        Err(ParseError::Sections { mut problems, parsed }) => {
+            // The sections that were read are checked too, so that one run
+            // lists their problems with the others.
+            let stages: Vec<Option<&StageConfig>> = parsed.stages.iter().map(Option::as_ref).collect();
+            problems.extend(check_sections(Sections {
+                source: parsed.source.as_ref(),
+                stages: &stages,
+                sink: parsed.sink.as_ref(),
+                runtime: parsed.runtime.as_ref(),
+            }));
+            return Err(invalid(file, &locator, problems));
         }
     };
 
@@ -126,9 +136,19 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
         sink.path = output.to_path_buf();
     }
 
-    let loaded = LoadedConfig { config, file: file.to_path_buf(), locator, fingerprint };
-    let problems = super::check::check(&loaded.config);
-    if problems.is_empty() { Ok(loaded) } else { Err(loaded.error(problems)) }
+    let problems = super::check::check(&config);
+    if !problems.is_empty() {
+        return Err(invalid(file, &locator, problems));
+    }
+    Ok(LoadedConfig { config, file: file.to_path_buf(), locator, fingerprint })
+}
+
+/// Locates problems of the file and lists them in the order of its lines.
+fn invalid(file: &Path, locator: &Locator, problems: Vec<ConfigProblem>) -> ConfigError {
+    let mut problems: Vec<_> = problems.into_iter().map(|p| (locator.find(&p.path), p)).collect();
+    // The sort is stable: problems at one position keep their order.
+    problems.sort_by_key(|(position, _)| position.unwrap_or((usize::MAX, usize::MAX)));
+    ConfigError::Invalid { file: file.to_path_buf(), problems }
 }
 
 fn resolve_paths(config: &mut PipelineConfig, base: &Path) {

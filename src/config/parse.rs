@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::load::ConfigProblem;
-use super::{DaemonConfig, PipelineConfig, RuntimeConfig};
+use super::{DaemonConfig, PipelineConfig, RuntimeConfig, SinkConfig, SourceConfig, StageConfig};
 
 /// The top level, with sections still unparsed.
 #[derive(Deserialize)]
@@ -29,22 +29,42 @@ struct TopLevel {
     daemon: Option<Value>,
 }
 
-/// Parses a pipeline file. `Err(Ok((position, message)))` is a syntax or
-/// top-level error that serde locates itself, at a line and column where
-/// it gives one. `Err(Err(problems))` lists section errors by path.
-pub fn parse(text: &str) -> Result<PipelineConfig, SyntaxOrProblems> {
+/// Why a pipeline file could not be read.
+pub enum ParseError {
+    /// A syntax or top-level error that serde locates itself, at a line
+    /// and column where it gives one.
+    Syntax { position: Option<(usize, usize)>, message: String },
+    /// Problems of sections, by path, and the sections read without any.
+    Sections { problems: Vec<ConfigProblem>, parsed: Box<Partial> },
+}
+
+/// The sections of a pipeline file that were read without problems, when
+/// others had some. Stages keep their indices.
+#[derive(Default)]
+pub struct Partial {
+    pub source: Option<SourceConfig>,
+    pub stages: Vec<Option<StageConfig>>,
+    pub sink: Option<SinkConfig>,
+    pub runtime: Option<RuntimeConfig>,
+}
+
+/// Parses a pipeline file.
+pub fn parse(text: &str) -> Result<PipelineConfig, ParseError> {
     // serde gives no position for an unknown top-level key, so those are
     // found here and reported by path, which the loader locates.
     let unknown = unknown_top_level_keys(text);
     if !unknown.is_empty() {
-        return Err(Err(unknown));
+        return Err(ParseError::Sections { problems: unknown, parsed: Box::default() });
     }
-    let top: TopLevel = serde_yaml_ng::from_str(text).map_err(|err| Ok(syntax_message(&err)))?;
+    let top: TopLevel = serde_yaml_ng::from_str(text).map_err(|err| {
+        let (position, message) = syntax_message(&err);
+        ParseError::Syntax { position, message }
+    })?;
     let mut problems = Vec::new();
 
     let seed = section::<u64>("seed", top.seed, &mut problems);
     let source = section("source", top.source, &mut problems);
-    let stages: Vec<_> =
+    let stages: Vec<Option<StageConfig>> =
         top.stages.into_iter().enumerate().map(|(i, v)| section(&format!("stages[{i}]"), v, &mut problems)).collect();
     let sink = section("sink", top.sink, &mut problems);
     let runtime = match top.runtime {
@@ -56,11 +76,14 @@ pub fn parse(text: &str) -> Result<PipelineConfig, SyntaxOrProblems> {
         None => Some(DaemonConfig::default()),
     };
 
+    if !problems.is_empty() {
+        return Err(ParseError::Sections { problems, parsed: Box::new(Partial { source, stages, sink, runtime }) });
+    }
     match (seed, source, stages.into_iter().collect::<Option<Vec<_>>>(), sink, runtime, daemon) {
-        (Some(seed), Some(source), Some(stages), Some(sink), Some(runtime), Some(daemon)) if problems.is_empty() => {
+        (Some(seed), Some(source), Some(stages), Some(sink), Some(runtime), Some(daemon)) => {
             Ok(PipelineConfig { seed, source, stages, sink, runtime, daemon })
         }
-        _ => Err(Err(problems)),
+        _ => unreachable!("a section that fails to parse records a problem"),
     }
 }
 
@@ -258,9 +281,6 @@ fn unknown_field(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
-/// A YAML error with its line and column, or the problems of sections.
-pub type SyntaxOrProblems = Result<(Option<(usize, usize)>, String), Vec<ConfigProblem>>;
-
 /// Splits a YAML error into its position and a message without it.
 fn syntax_message(err: &serde_yaml_ng::Error) -> (Option<(usize, usize)>, String) {
     let mut message = plain_types(&err.to_string());
@@ -308,8 +328,9 @@ mod tests {
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
         match parse(text) {
-            Err(Err(problems)) => problems,
-            other => panic!("expected section problems, got {:?}", other.map(|_| ())),
+            Err(ParseError::Sections { problems, .. }) => problems,
+            Err(ParseError::Syntax { message, .. }) => panic!("expected section problems, got {message}"),
+            Ok(_) => panic!("expected section problems"),
         }
     }
 
@@ -317,8 +338,9 @@ mod tests {
 
     fn syntax_error(text: &str) -> (Option<(usize, usize)>, String) {
         match parse(text) {
-            Err(Ok(syntax)) => syntax,
-            other => panic!("expected a syntax error, got {other:?}"),
+            Err(ParseError::Syntax { position, message }) => (position, message),
+            Err(ParseError::Sections { problems, .. }) => panic!("expected a syntax error, got {problems:?}"),
+            Ok(_) => panic!("expected a syntax error"),
         }
     }
 

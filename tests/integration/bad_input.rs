@@ -206,6 +206,31 @@ fn output_over_key_column_is_rejected() {
 }
 
 #[test]
+fn validate_lists_rule_problems_beside_type_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 1\nsource: {}\nstages:\n  - kind: add_noise\n    column: pixels\n    std: lots\n  - kind: sample\n    column: logits\n    temperature: -1\nsink: {{kind: arrow_file, path: x.arrow, rows_per_batch: 0}}\nruntime: {{workers: -2}}\n",
+        digits_source()
+    );
+    let pipeline = write_pipeline(dir.path(), "mixed.yaml", &yaml);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    let lines: Vec<&str> = outcome.stderr.lines().filter(|line| line.starts_with("  ")).collect();
+    // One line per problem, in the order of the file: type errors and the
+    // rules of the sections that were read, together.
+    let expected = [
+        ":6:5: stages[0].std: invalid type: string \"lots\", expected a number",
+        ":9:5: stages[1].temperature: must be zero or positive, found -1",
+        ":10:41: sink.rows_per_batch: must be at least 1, found 0",
+        ":11:11: runtime.workers: invalid value: integer `-2`, expected an integer of at least 1",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{}", outcome.stderr);
+    for (line, part) in lines.iter().zip(expected) {
+        assert!(line.contains(part), "{line:?} does not contain {part:?}:\n{}", outcome.stderr);
+    }
+}
+
+#[test]
 fn repeated_keys_are_each_named_at_their_line() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
