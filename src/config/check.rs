@@ -16,7 +16,7 @@ pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     })
 }
 
-/// The sections of a pipeline file that were read without problems; the
+/// The sections of a pipeline file that were read without problems. The
 /// others are `None`, and stages keep their indices.
 pub struct Sections<'a> {
     pub source: Option<&'a SourceConfig>,

@@ -1,6 +1,6 @@
 //! Counts and sizes that must be at least 1. A negative value is rejected
-//! while the file is read, with a message that gives the real lower bound;
-//! zero is left to the checks, which report it together with the file's
+//! while the file is read, with a message that gives the real lower bound.
+//! Zero is left to the checks, which report it together with the file's
 //! other problems.
 
 use std::fmt;

@@ -89,8 +89,8 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
     let text =
         std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.to_path_buf(), source })?;
     let locator = Locator::new(&text);
-    // The deserializer would stop at the first repeated key, at the
-    // mapping's position; each repeat is listed here at its own line.
+    // The deserializer would stop at the first repeated key and report the
+    // mapping's position, so each repeat is listed here at its own line.
     if !locator.duplicates().is_empty() {
         let problems = locator
             .duplicates()

@@ -29,7 +29,7 @@ struct TopLevel {
     daemon: Option<Value>,
 }
 
-/// Why a pipeline file could not be read.
+/// An error that stops a pipeline file from being read.
 pub enum ParseError {
     /// A syntax or top-level error that serde locates itself, at a line
     /// and column where it gives one.
