@@ -1,7 +1,7 @@
-//! Counts and sizes that must be at least 1. A negative value is rejected
-//! while the file is read, with a message that gives the real lower bound.
-//! Zero is left to the checks, which report it together with the file's
-//! other problems.
+//! Counts and sizes with a lower bound above zero, such as at least 1. A
+//! negative value is rejected while the file is read, with a message that
+//! gives the real lower bound. Values from zero up to the bound are left to
+//! the checks, which report them together with the file's other problems.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -36,16 +36,17 @@ impl Count for usize {
     }
 }
 
-struct CountVisitor<T>(PhantomData<T>);
+/// Reads a `T` whose smallest valid value is `MIN`.
+struct CountVisitor<T, const MIN: u64>(PhantomData<T>);
 
-impl<T: Count> Visitor<'_> for CountVisitor<T> {
+impl<T: Count, const MIN: u64> Visitor<'_> for CountVisitor<T, MIN> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if T::MAX == u64::MAX {
-            f.write_str("an integer of at least 1")
+            write!(f, "an integer of at least {MIN}")
         } else {
-            write!(f, "an integer from 1 to {}", T::MAX)
+            write!(f, "an integer from {MIN} to {}", T::MAX)
         }
     }
 
@@ -64,9 +65,14 @@ impl<T: Count> Visitor<'_> for CountVisitor<T> {
     }
 }
 
-/// Reads a count, for `#[serde(deserialize_with = ...)]`.
+/// Reads a count of at least 1, for `#[serde(deserialize_with = ...)]`.
 pub fn count<'de, D: Deserializer<'de>, T: Count>(deserializer: D) -> Result<T, D::Error> {
-    deserializer.deserialize_u64(CountVisitor(PhantomData))
+    deserializer.deserialize_u64(CountVisitor::<T, 1>(PhantomData))
+}
+
+/// Reads a count of at least 2.
+pub fn count_from_two<'de, D: Deserializer<'de>, T: Count>(deserializer: D) -> Result<T, D::Error> {
+    deserializer.deserialize_u64(CountVisitor::<T, 2>(PhantomData))
 }
 
 /// Reads an optional count; a missing key needs `#[serde(default)]` too.
@@ -87,6 +93,8 @@ mod tests {
         samples: u32,
         #[serde(default, deserialize_with = "super::optional_count")]
         top_k: Option<usize>,
+        #[serde(default, deserialize_with = "super::count_from_two")]
+        steps: u32,
     }
 
     /// Reads through a YAML value, as the pipeline file's sections are.
@@ -116,5 +124,12 @@ mod tests {
         assert!(message.contains("integer `4294967296`, expected an integer from 1 to 4294967295"), "{message}");
         let message = read("{samples: 2.5}").unwrap_err();
         assert!(message.contains("floating point `2.5`, expected an integer from 1 to 4294967295"), "{message}");
+    }
+
+    #[test]
+    fn higher_lower_bound_is_named() {
+        assert_eq!(read("{steps: 1}").unwrap().steps, 1, "values below the bound are left to the checks");
+        let message = read("{steps: -4}").unwrap_err();
+        assert!(message.contains("integer `-4`, expected an integer from 2 to 4294967295"), "{message}");
     }
 }

@@ -193,6 +193,7 @@ impl ConditioningConfig {
 #[serde(deny_unknown_fields)]
 pub struct InterpolateConfig {
     /// Records per path, both endpoints included.
+    #[serde(deserialize_with = "super::count::count_from_two")]
     pub steps: u32,
     #[serde(default)]
     pub method: InterpolationMethod,
