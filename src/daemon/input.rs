@@ -82,4 +82,12 @@ impl Input {
             Input::Socket(source) => source.run(durable, output, stop, on_records),
         }
     }
+
+    /// Closes the input after the last commit. A socket source first sends
+    /// each connection an ack for what that commit made durable.
+    pub async fn close(self) {
+        if let Input::Socket(source) = self {
+            source.close().await;
+        }
+    }
 }

@@ -168,6 +168,7 @@ async fn supervise(
     let (returned, found) = wait_for_schema(&shared, &mut loaded, &current, input, &checkpoint, &mut control).await?;
     input = returned;
     let Some((schema, key_column)) = found else {
+        input.close().await;
         tracing::info!("daemon stopped before any input arrived");
         return Ok(ExitCode::SUCCESS);
     };
@@ -200,6 +201,7 @@ async fn supervise(
         checkpoint = durable;
         match next {
             Next::Stop => {
+                input.close().await;
                 tracing::info!(
                     next_file = checkpoint.next_file,
                     "daemon stopped after committing every record it read"

@@ -119,6 +119,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// the error reply. Closing a TCP socket with unread input resets the
 /// connection, and the client could lose the error reply with it.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long [`SocketSource::close`] waits for the connections to write their
+/// last acks before it closes them.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Size of each connection's read buffer.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// First word of an IPC message since Arrow 0.15. The length follows it.
@@ -156,6 +159,9 @@ struct Shared {
     schema_check: Mutex<Option<super::SchemaCheck>>,
     streams: Mutex<Streams>,
     batches: mpsc::Sender<Batch>,
+    /// Set when the source closes: each connection writes its last ack and
+    /// stops.
+    closing: watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -194,11 +200,24 @@ impl SocketSource {
             schema_check: Mutex::new(None),
             streams: Mutex::new(Streams::default()),
             batches: sender,
+            closing: watch::Sender::new(false),
         });
         let runtime = Handle::current();
         let accept_task = runtime.spawn(accept_connections(listener, shared.clone()));
         tracing::info!(address = %address, "socket source listening");
         Ok(Self { shared, batches, pending: None, runtime, accept_task, address, socket_file })
+    }
+
+    /// Closes the source after the pipeline's last commit: it stops accepting
+    /// connections, and each connection sends an ack for the records the
+    /// last commit made durable, or its pending error, and is closed. A
+    /// connection whose client does not read its replies is closed after
+    /// [`CLOSE_GRACE`].
+    pub async fn close(mut self) {
+        self.shared.closing.send_replace(true);
+        if tokio::time::timeout(CLOSE_GRACE, &mut self.accept_task).await.is_err() {
+            tracing::warn!("closing socket connections whose last replies were not written in time");
+        }
     }
 
     /// Returns which units the checkpoint keeps: every named stream, so that
@@ -402,21 +421,33 @@ fn prepare_socket_path(path: &std::path::Path) -> Result<(), String> {
     std::fs::remove_file(path).map_err(|err| format!("cannot remove the stale socket file {}: {err}", path.display()))
 }
 
-/// Accepts connections and serves each in a task until aborted.
+/// Accepts connections and serves each in a task until aborted, or until
+/// the source closes and every connection has written its last reply.
 async fn accept_connections(listener: Listener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
+    let mut closing = shared.closing.subscribe();
+    // Each connection's reply writer holds a clone of `writing`, so
+    // `written` reports the end of the last writer.
+    let (writing, mut written) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
+            () = closed(&mut closing) => {
+                drop(writing);
+                let _ = written.recv().await;
+                // Dropping the set aborts the readers, which may wait for
+                // input that never comes.
+                return;
+            }
             accepted = accept(&listener) => match accepted {
                 Ok(Accepted::Tcp(socket, peer)) => {
                     // Acks are small, so they are sent without waiting to fill a segment.
                     if let Err(err) = socket.set_nodelay(true) {
                         tracing::debug!(peer = %peer, error = %err, "cannot disable Nagle's algorithm");
                     }
-                    connections.spawn(serve(socket, peer.to_string(), shared.clone()));
+                    connections.spawn(serve(socket, peer.to_string(), shared.clone(), writing.clone()));
                 }
                 Ok(Accepted::Unix(socket)) => {
-                    connections.spawn(serve(socket, String::from("unix"), shared.clone()));
+                    connections.spawn(serve(socket, String::from("unix"), shared.clone(), writing.clone()));
                 }
                 Err(err) => {
                     // Running out of file descriptors, for instance; retry after a pause.
@@ -470,15 +501,25 @@ struct ErrorLine<'a> {
 }
 
 /// Serves one connection: reads its stream and writes its replies.
-async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(socket: S, peer: String, shared: Arc<Shared>) {
+/// `writing` is dropped once the last reply is written.
+async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
+    socket: S,
+    peer: String,
+    shared: Arc<Shared>,
+    writing: mpsc::Sender<()>,
+) {
     let (input, output) = tokio::io::split(socket);
     let (replies, reply_receiver) = mpsc::unbounded_channel();
-    let writer = write_replies(output, reply_receiver, shared.durable.clone());
+    let writer = async {
+        write_replies(output, reply_receiver, shared.durable.clone(), shared.closing.subscribe()).await;
+        drop(writing);
+    };
     let reader = async {
         let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, input);
         let mut connection = Connection { shared: shared.clone(), peer: peer.clone(), replies, stream: None };
         let result = connection.read_stream(&mut input).await;
-        // A connection that ends before its schema has no stream name yet.
+        // A connection that ends before its schema, or that cannot open
+        // its stream, has no stream.
         let stream = connection.stream.as_deref().unwrap_or("(none)");
         match result {
             Ok(totals) => {
@@ -503,16 +544,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(socket: S, peer: Stri
     if let Some(name) = stream.as_deref().filter(|name| is_connection_name(name)) {
         shared.close_generated(name);
     }
-    tracing::info!(peer = %peer, stream = stream.as_deref().unwrap_or(""), "socket connection closed");
+    tracing::info!(peer = %peer, stream = stream.as_deref().unwrap_or("(none)"), "socket connection closed");
 }
 
 /// Writes the replies of one connection, and an ack each time more of its
 /// stream becomes durable, until the stream's records are all durable, an
-/// error was written, or the client is gone.
+/// error was written, the client is gone, or the source closes.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut output: W,
     mut replies: mpsc::UnboundedReceiver<Reply>,
     mut durable: watch::Receiver<Arc<Checkpoint>>,
+    mut closing: watch::Receiver<bool>,
 ) {
     let mut stream: Option<Arc<str>> = None;
     let mut committed = 0;
@@ -522,6 +564,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             break;
         }
         let line = tokio::select! {
+            () = closed(&mut closing) => {
+                write_last_replies(&mut output, &mut replies, &durable, stream, committed).await;
+                break;
+            }
             reply = replies.recv(), if finished_at.is_none() => match reply {
                 Some(Reply::Opened { stream: name, committed: records }) => {
                     committed = records;
@@ -562,6 +608,50 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let _ = output.shutdown().await;
 }
 
+/// Waits until the source closes. The borrow of the flag ends here, so the
+/// caller's future stays `Send`.
+async fn closed(closing: &mut watch::Receiver<bool>) {
+    // The sender lives in `Shared`, which every caller holds.
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Writes what a closing source still owes a connection: the replies
+/// already queued, then an ack if the last commit made more of the stream
+/// durable than the last ack said.
+async fn write_last_replies<W: AsyncWrite + Unpin>(
+    output: &mut W,
+    replies: &mut mpsc::UnboundedReceiver<Reply>,
+    durable: &watch::Receiver<Arc<Checkpoint>>,
+    mut stream: Option<Arc<str>>,
+    mut committed: u64,
+) {
+    let mut text = String::new();
+    while let Ok(reply) = replies.try_recv() {
+        match reply {
+            Reply::Opened { stream: name, committed: records } => {
+                committed = records;
+                text.push_str(&json_line(&AckLine { stream: &name, committed }));
+                stream = Some(name);
+            }
+            Reply::Finished { .. } => {}
+            Reply::Error(message) => {
+                text.push_str(&json_line(&ErrorLine { error: &message }));
+                let _ = output.write_all(text.as_bytes()).await;
+                return;
+            }
+        }
+    }
+    if let Some(name) = &stream {
+        let records = durable.borrow().progress(name).records;
+        if records > committed {
+            text.push_str(&json_line(&AckLine { stream: name, committed: records }));
+        }
+    }
+    if let Err(err) = output.write_all(text.as_bytes()).await {
+        tracing::debug!(stream = stream.as_deref().unwrap_or(""), error = %err, "cannot write the last replies");
+    }
+}
+
 fn json_line(value: &impl Serialize) -> String {
     let mut line = serde_json::to_string(value).expect("reply lines always serialize");
     line.push('\n');
@@ -573,7 +663,8 @@ struct Connection {
     shared: Arc<Shared>,
     peer: String,
     replies: mpsc::UnboundedSender<Reply>,
-    /// The stream's name, once its schema is read.
+    /// The stream's name, once its schema is read and the stream is open on
+    /// this connection.
     stream: Option<Arc<str>>,
 }
 
@@ -602,12 +693,12 @@ impl Connection {
             Some(name) => Arc::from(name),
             None => self.shared.fresh_stream_name(),
         };
-        self.stream = Some(name.clone());
         let committed = self.shared.durable.borrow().progress(&name).records;
         // The stream is taken before the first reply, so that once a client
         // has read that reply, no other connection can take the stream. A
         // connection that cannot take it gets the error alone.
         let open = OpenStream::open(&self.shared, name.clone())?;
+        self.stream = Some(name.clone());
         let _ = self.replies.send(Reply::Opened { stream: name.clone(), committed });
         tracing::info!(peer = %self.peer, stream = %name, offset, committed, "socket stream opened");
         let settings = ColumnSettings {
@@ -1224,6 +1315,40 @@ mod tests {
         assert_eq!(client.reply(), ack("sensor", 5));
         assert_eq!(client.reply(), None, "the connection closes once all its records are durable");
         running.stop().await;
+    }
+
+    /// Closing the source after a commit gives each open connection an ack
+    /// for what that commit made durable, then closes it, also when its
+    /// client is still sending. On one runtime thread, no connection task
+    /// runs between the commit and the close, so the ack comes from the
+    /// close alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn socket_close_sends_last_ack() {
+        let (source, durable) = start(&config("127.0.0.1:0"), Checkpoint::new());
+        let schema = schema(Some("sensor"), None);
+        let (bytes, ends) = encode(&schema, &[records(&schema, 0..3, &[])]);
+        let mut client = Client::connect(source.address());
+        client.output.write_all(&bytes[..ends[1]]).unwrap();
+        // The client blocks, so it reads on a blocking thread.
+        let read_replies = |mut client: Client, count: usize| {
+            tokio::task::spawn_blocking(move || {
+                let replies: Vec<Option<Value>> = (0..count).map(|_| client.reply()).collect();
+                (client, replies)
+            })
+        };
+        let (client, replies) = read_replies(client, 1).await.unwrap();
+        assert_eq!(replies, [ack("sensor", 0)]);
+
+        let mut running = Running::start(source, 8);
+        assert_eq!(running.next().await.marks, mark("sensor", 3));
+        let (source, _output) = running.stop().await;
+        durable.send_replace(Arc::new(checkpoint(&[("sensor", 3)])));
+        tokio::time::timeout(TIMEOUT, source.close()).await.expect("the source closes in time");
+        // Read on this thread, which stops the runtime: the replies must
+        // have been written when `close` returned.
+        let mut client = client;
+        assert_eq!(client.reply(), ack("sensor", 3), "the last commit is acked before the connection closes");
+        assert_eq!(client.reply(), None, "the connection closes after the last ack");
     }
 
     /// A connection without a stream name keeps its entry in the checkpoint

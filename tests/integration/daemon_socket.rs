@@ -650,6 +650,7 @@ fn sigterm_keeps_acked_records() {
     assert!(durable <= 200, "{durable} records durable after SIGTERM, more than the 200 sent");
     let highest = acks_after.iter().copied().fold(acked_before, u64::max);
     assert!(highest <= durable, "an ack ({highest}) went past the durable count {durable}: {acks_after:?}");
+    assert_eq!(highest, durable, "the last ack says what the drain made durable: {acks_after:?}");
     assert_each_id_once(&setup.output, &digit_ids(0..durable as usize));
     assert_eq!(partial_files(&setup.output), Vec::<String>::new(), "no .partial file is left after the drain");
     assert!(!socket_path.exists(), "the daemon removes its socket file {} on exit", socket_path.display());
