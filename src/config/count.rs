@@ -7,7 +7,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use serde::Deserializer;
-use serde::de::{self, Unexpected, Visitor};
+use serde::de::{self, Visitor};
 
 /// Integer types that a count is read into.
 pub trait Count: Sized {
@@ -50,9 +50,11 @@ impl<T: Count, const MIN: u64> Visitor<'_> for CountVisitor<T, MIN> {
         }
     }
 
+    // Out-of-range values get the wording of the checks, which report
+    // values from zero up to the bound.
     fn visit_u64<E: de::Error>(self, value: u64) -> Result<T, E> {
         if value > T::MAX {
-            return Err(E::invalid_value(Unexpected::Unsigned(value), &self));
+            return Err(E::custom(format_args!("must be at most {}, found {value}", T::MAX)));
         }
         Ok(T::from_u64(value))
     }
@@ -60,7 +62,7 @@ impl<T: Count, const MIN: u64> Visitor<'_> for CountVisitor<T, MIN> {
     fn visit_i64<E: de::Error>(self, value: i64) -> Result<T, E> {
         match u64::try_from(value) {
             Ok(value) => self.visit_u64(value),
-            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+            Err(_) => Err(E::custom(format_args!("must be at least {MIN}, found {value}"))),
         }
     }
 }
@@ -113,15 +115,17 @@ mod tests {
     #[test]
     fn negative_count_names_the_lower_bound() {
         let message = read("{records: -3}").unwrap_err();
-        assert!(message.contains("invalid value: integer `-3`, expected an integer of at least 1"), "{message}");
+        assert!(message.starts_with("must be at least 1, found -3"), "{message}");
         let message = read("{top_k: -1}").unwrap_err();
-        assert!(message.contains("integer `-1`, expected an integer of at least 1"), "{message}");
+        assert!(message.starts_with("must be at least 1, found -1"), "{message}");
+        let message = read("{records: many}").unwrap_err();
+        assert!(message.contains("invalid type: string \"many\", expected an integer of at least 1"), "{message}");
     }
 
     #[test]
     fn narrow_count_names_its_range() {
         let message = read("{samples: 4294967296}").unwrap_err();
-        assert!(message.contains("integer `4294967296`, expected an integer from 1 to 4294967295"), "{message}");
+        assert!(message.starts_with("must be at most 4294967295, found 4294967296"), "{message}");
         let message = read("{samples: 2.5}").unwrap_err();
         assert!(message.contains("floating point `2.5`, expected an integer from 1 to 4294967295"), "{message}");
     }
@@ -130,6 +134,8 @@ mod tests {
     fn higher_lower_bound_is_named() {
         assert_eq!(read("{steps: 1}").unwrap().steps, 1, "values below the bound are left to the checks");
         let message = read("{steps: -4}").unwrap_err();
-        assert!(message.contains("integer `-4`, expected an integer from 2 to 4294967295"), "{message}");
+        assert!(message.starts_with("must be at least 2, found -4"), "{message}");
+        let message = read("{steps: two}").unwrap_err();
+        assert!(message.contains("expected an integer from 2 to 4294967295"), "{message}");
     }
 }

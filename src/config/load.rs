@@ -96,10 +96,13 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
             .duplicates()
             .iter()
             .map(|repeat| {
-                let message = format!(
-                    "`{}` is given again; it was first given at line {}, so remove one of the two",
-                    repeat.key, repeat.first.0
-                );
+                let first = if repeat.first.0 == repeat.position.0 {
+                    format!("line {}, column {}", repeat.first.0, repeat.first.1)
+                } else {
+                    format!("line {}", repeat.first.0)
+                };
+                let message =
+                    format!("`{}` is given again after its first value at {first}; keep only one", repeat.key);
                 (Some(repeat.position), ConfigProblem::new(repeat.path.clone(), message))
             })
             .collect();

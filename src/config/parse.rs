@@ -115,7 +115,9 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
             Ok(parsed) => return removed.is_empty().then_some(parsed),
             Err(err) => {
                 let message = plain_types(&err.inner().to_string());
-                (failing_trail::<T>(&value, &err, &message), message)
+                let trail = failing_trail::<T>(&value, &err, &message);
+                let message = name_variants::<T>(&value, &trail, message);
+                (trail, message)
             }
         };
         // A key removed after an earlier problem may be required; its
@@ -240,6 +242,47 @@ fn search<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: 
         trail.pop();
     }
     None
+}
+
+/// serde's messages for an empty or non-string value where one of several
+/// names is expected.
+const VARIANT_EXPECTED: [&str; 2] = ["expected variant identifier", "expected string or map"];
+
+/// Replaces serde's wording in a message about a value that must be one of
+/// several names by the list of those names, which serde gives only for an
+/// unknown name: the value is replaced by a name no setting has, and the
+/// list is taken from the error that gives.
+fn name_variants<T: DeserializeOwned>(section: &Value, trail: &[Step], message: String) -> String {
+    let Some(expected) = VARIANT_EXPECTED.iter().find(|expected| message.ends_with(*expected)) else {
+        return message;
+    };
+    let Some((last, parent)) = trail.split_last() else { return message };
+    let mut probe = section.clone();
+    let Some(slot) = lookup_mut(&mut probe, parent).and_then(|node| match last {
+        Step::Key(key) => node.get_mut(key.as_str()),
+        Step::Index(index) => node.get_mut(*index),
+    }) else {
+        return message;
+    };
+    *slot = Value::from("\u{1}");
+    let Err(error) = serde_yaml_ng::from_value::<T>(probe) else { return message };
+    // serde writes "unknown variant `NAME`, expected `a` or `b`", or
+    // "expected one of `a`, `b`, `c`" for more names.
+    let error = error.to_string();
+    match error.split_once("unknown variant `\u{1}`, ") {
+        Some((_, names)) => {
+            let names = names.split(" at line ").next().unwrap_or(names);
+            format!("{}{names}", &message[..message.len() - expected.len()])
+        }
+        None => message,
+    }
+}
+
+fn lookup_mut<'a>(value: &'a mut Value, trail: &[Step]) -> Option<&'a mut Value> {
+    trail.iter().try_fold(value, |node, step| match step {
+        Step::Key(key) => node.get_mut(key.as_str()),
+        Step::Index(index) => node.get_mut(*index),
+    })
 }
 
 /// One step down a YAML value: a mapping key or a sequence index.
@@ -392,6 +435,19 @@ mod tests {
                 "source.records: no value given, expected an integer of at least 1"
             ]
         );
+    }
+
+    #[test]
+    fn empty_name_lists_the_names() {
+        let text = "seed: 1\nsource: {kind: , records: 3, shape: [2]}\nsink: {kind: arrow_file, path: y.arrow, compression: }\n";
+        let found: Vec<String> = problems(text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("source.kind: no value given, expected one of `images`"), "{}", found[0]);
+        assert_eq!(found[1], "sink.compression: no value given, expected one of `none`, `lz4`, `zstd`");
+
+        let text = format!("{HEADER}stages:\n  - {{kind: sample, column: y, from: }}\n");
+        let found = problems(&text);
+        assert_eq!(found[0].message, "no value given, expected `logits` or `probabilities`");
     }
 
     #[test]

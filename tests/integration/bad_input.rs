@@ -222,7 +222,7 @@ fn validate_lists_rule_problems_beside_type_errors() {
         ":6:5: stages[0].std: invalid type: string \"lots\", expected a number",
         ":9:5: stages[1].temperature: must be zero or positive, found -1",
         ":10:41: sink.rows_per_batch: must be at least 1, found 0",
-        ":11:11: runtime.workers: invalid value: integer `-2`, expected an integer of at least 1",
+        ":11:11: runtime.workers: must be at least 1, found -2",
     ];
     assert_eq!(lines.len(), expected.len(), "{}", outcome.stderr);
     for (line, part) in lines.iter().zip(expected) {
@@ -243,8 +243,8 @@ fn repeated_keys_are_each_named_at_their_line() {
         &yaml,
         &[
             "has 2 problems",
-            ":7:5: stages[0].std: `std` is given again; it was first given at line 6, so remove one of the two",
-            ":9:1: seed: `seed` is given again; it was first given at line 1",
+            ":7:5: stages[0].std: `std` is given again after its first value at line 6; keep only one",
+            ":9:1: seed: `seed` is given again after its first value at line 1",
         ],
     );
 }
