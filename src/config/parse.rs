@@ -249,9 +249,9 @@ fn search<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: 
 const VARIANT_EXPECTED: [&str; 2] = ["expected variant identifier", "expected string or map"];
 
 /// Replaces serde's wording in a message about a value that must be one of
-/// several names by the list of those names, which serde gives only for an
-/// unknown name: the value is replaced by a name no setting has, and the
-/// list is taken from the error that gives.
+/// several names by the list of those names. serde lists them only for an
+/// unknown name, so the value is replaced by a name no setting has, and the
+/// list is taken from that error.
 fn name_variants<T: DeserializeOwned>(section: &Value, trail: &[Step], message: String) -> String {
     let Some(expected) = VARIANT_EXPECTED.iter().find(|expected| message.ends_with(*expected)) else {
         return message;

@@ -426,8 +426,8 @@ fn prepare_socket_path(path: &std::path::Path) -> Result<(), String> {
 async fn accept_connections(listener: Listener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     let mut closing = shared.closing.subscribe();
-    // Each connection's reply writer holds a clone of `writing`, so
-    // `written` reports the end of the last writer.
+    // Each connection's reply writer owns a clone of `writing`, so
+    // `written` closes when the last writer ends.
     let (writing, mut written) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
@@ -617,7 +617,7 @@ async fn closed(closing: &mut watch::Receiver<bool>) {
 
 /// Writes what a closing source still owes a connection: the replies
 /// already queued, then an ack if the last commit made more of the stream
-/// durable than the last ack said.
+/// durable than the last ack reported.
 async fn write_last_replies<W: AsyncWrite + Unpin>(
     output: &mut W,
     replies: &mut mpsc::UnboundedReceiver<Reply>,
@@ -648,7 +648,7 @@ async fn write_last_replies<W: AsyncWrite + Unpin>(
         }
     }
     if let Err(err) = output.write_all(text.as_bytes()).await {
-        tracing::debug!(stream = stream.as_deref().unwrap_or(""), error = %err, "cannot write the last replies");
+        tracing::debug!(stream = stream.as_deref().unwrap_or("(none)"), error = %err, "cannot write the last replies");
     }
 }
 
