@@ -38,12 +38,18 @@ pub fn check_sections(sections: Sections<'_>) -> Vec<ConfigProblem> {
     }
     problems.extend(check_stages(sections.stages));
     if let Some(sink) = sections.sink {
-        let SinkConfig::ArrowFile(arrow) = sink;
-        if arrow.rows_per_batch == 0 {
-            problems.push(ConfigProblem::new("sink.rows_per_batch", "must be at least 1, found 0"));
-        }
-        problems.extend(super::image_sink::check(sink));
+        problems.extend(check_sink(sink));
     }
+    problems
+}
+
+fn check_sink(sink: &SinkConfig) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    let SinkConfig::ArrowFile(arrow) = sink;
+    if arrow.rows_per_batch == 0 {
+        problems.push(ConfigProblem::new("sink.rows_per_batch", "must be at least 1, found 0"));
+    }
+    problems.extend(super::image_sink::check(sink));
     problems
 }
 

@@ -77,8 +77,7 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// Turns problems into an error that names each one's line.
     pub fn error(&self, problems: Vec<ConfigProblem>) -> ConfigError {
-        let problems = problems.into_iter().map(|p| (self.locator.find(&p.path), p)).collect();
-        ConfigError::Invalid { file: self.file.clone(), problems }
+        invalid(&self.file, &self.locator, problems)
     }
 }
 

@@ -22,9 +22,9 @@ pub struct Duplicate {
     pub key: String,
     /// The key's path, such as `stages[0].std`.
     pub path: String,
-    /// Where the key is given again.
+    /// Line and column of the repeat.
     pub position: (usize, usize),
-    /// Where the key is first given.
+    /// Line and column of the key's first value.
     pub first: (usize, usize),
 }
 
@@ -61,7 +61,7 @@ impl Locator {
 }
 
 enum Container {
-    /// `seen` holds the mapping's keys so far, with their positions.
+    /// `seen` contains the mapping's keys so far, with their positions.
     Mapping {
         expecting_key: bool,
         key: Option<String>,

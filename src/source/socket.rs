@@ -563,11 +563,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         if finished_at.is_some_and(|accepted| committed >= accepted) {
             break;
         }
+        // In this order, a closing source stops the loop only once the
+        // queued replies and the last commit's ack are written.
         let line = tokio::select! {
-            () = closed(&mut closing) => {
-                write_last_replies(&mut output, &mut replies, &durable, stream, committed).await;
-                break;
-            }
+            biased;
             reply = replies.recv(), if finished_at.is_none() => match reply {
                 Some(Reply::Opened { stream: name, committed: records }) => {
                     committed = records;
@@ -597,7 +596,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 committed = records;
                 json_line(&AckLine { stream: name, committed })
             }
-            else => break,
+            () = closed(&mut closing) => break,
         };
         if let Err(err) = output.write_all(line.as_bytes()).await {
             // The client closed the connection; it may reconnect later.
@@ -613,43 +612,6 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 async fn closed(closing: &mut watch::Receiver<bool>) {
     // The sender lives in `Shared`, which every caller holds.
     let _ = closing.wait_for(|closing| *closing).await;
-}
-
-/// Writes what a closing source still owes a connection: the replies
-/// already queued, then an ack if the last commit made more of the stream
-/// durable than the last ack reported.
-async fn write_last_replies<W: AsyncWrite + Unpin>(
-    output: &mut W,
-    replies: &mut mpsc::UnboundedReceiver<Reply>,
-    durable: &watch::Receiver<Arc<Checkpoint>>,
-    mut stream: Option<Arc<str>>,
-    mut committed: u64,
-) {
-    let mut text = String::new();
-    while let Ok(reply) = replies.try_recv() {
-        match reply {
-            Reply::Opened { stream: name, committed: records } => {
-                committed = records;
-                text.push_str(&json_line(&AckLine { stream: &name, committed }));
-                stream = Some(name);
-            }
-            Reply::Finished { .. } => {}
-            Reply::Error(message) => {
-                text.push_str(&json_line(&ErrorLine { error: &message }));
-                let _ = output.write_all(text.as_bytes()).await;
-                return;
-            }
-        }
-    }
-    if let Some(name) = &stream {
-        let records = durable.borrow().progress(name).records;
-        if records > committed {
-            text.push_str(&json_line(&AckLine { stream: name, committed: records }));
-        }
-    }
-    if let Err(err) = output.write_all(text.as_bytes()).await {
-        tracing::debug!(stream = stream.as_deref().unwrap_or("(none)"), error = %err, "cannot write the last replies");
-    }
 }
 
 fn json_line(value: &impl Serialize) -> String {
