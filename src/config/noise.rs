@@ -98,6 +98,19 @@ impl NoiseKind {
     }
 }
 
+/// Returns what a required key of a noise kind means, with an example value.
+fn meaning(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "std" => "the standard deviation of the noise, such as `std: 0.1`",
+        "low" => "the lowest value of the noise, such as `low: -0.1`",
+        "high" => "the highest value of the noise, such as `high: 0.1`",
+        "rate" => "the drop rate in [0, 1), such as `rate: 0.1`",
+        "amount" => "the fraction of elements replaced, such as `amount: 0.05`",
+        "scale" => "the counts per unit of the data, such as `scale: 255` for data in [0, 1]",
+        _ => return None,
+    })
+}
+
 impl AddNoiseConfig {
     fn value(&self, key: &str) -> Option<f64> {
         match key {
@@ -126,7 +139,11 @@ impl AddNoiseConfig {
         for key in ALL {
             let present = self.value(key).is_some();
             if required.contains(&key) && !present {
-                problems.push(ConfigProblem::new(at(key), format!("{} noise needs `{key}`", kind.name())));
+                let message = match meaning(key) {
+                    Some(meaning) => format!("{} noise needs `{key}`, {meaning}", kind.name()),
+                    None => format!("{} noise needs `{key}`", kind.name()),
+                };
+                problems.push(ConfigProblem::new(at(key), message));
             } else if present && !required.contains(&key) && !optional.contains(&key) {
                 let keys: Vec<&str> = required.iter().chain(optional).copied().collect();
                 problems.push(ConfigProblem::new(

@@ -62,17 +62,21 @@ pub fn parse(text: &str) -> Result<PipelineConfig, ParseError> {
     })?;
     let mut problems = Vec::new();
 
-    let seed = section::<u64>("seed", top.seed, &mut problems);
-    let source = section("source", top.source, &mut problems);
-    let stages: Vec<Option<StageConfig>> =
-        top.stages.into_iter().enumerate().map(|(i, v)| section(&format!("stages[{i}]"), v, &mut problems)).collect();
-    let sink = section("sink", top.sink, &mut problems);
+    let seed = section::<u64>("seed", top.seed, &[], &mut problems);
+    let source = section("source", top.source, &[], &mut problems);
+    let stages: Vec<Option<StageConfig>> = top
+        .stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| section(&format!("stages[{i}]"), v, &[], &mut problems))
+        .collect();
+    let sink = section("sink", top.sink, &[], &mut problems);
     let runtime = match top.runtime {
-        Some(value) => section::<RuntimeConfig>("runtime", value, &mut problems),
+        Some(value) => section::<RuntimeConfig>("runtime", value, &[], &mut problems),
         None => Some(RuntimeConfig::default()),
     };
     let daemon = match top.daemon {
-        Some(value) => section::<DaemonConfig>("daemon", value, &mut problems),
+        Some(value) => section::<DaemonConfig>("daemon", value, DAEMON_NULL_KEYS, &mut problems),
         None => Some(DaemonConfig::default()),
     };
 
@@ -105,9 +109,71 @@ fn unknown_top_level_keys(text: &str) -> Vec<ConfigProblem> {
 /// removed and the section parsed again, so one run lists several.
 const PROBLEMS_PER_SECTION: usize = 10;
 
+/// Keys of the `daemon` section whose documented value may be `null`.
+const DAEMON_NULL_KEYS: &[&str] = &["http"];
+
 /// Deserializes one section; on failure records a problem at each failing
-/// key's path.
-fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<ConfigProblem>) -> Option<T> {
+/// key's path. A key given without a value, which serde takes as absent
+/// for an optional setting, is a problem too, unless it is one of
+/// `null_keys`, the keys directly in the section whose documented value may
+/// be `null`.
+fn section<T: DeserializeOwned>(
+    prefix: &str,
+    value: Value,
+    null_keys: &[&str],
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<T> {
+    let mut empty = Vec::new();
+    empty_values(&value, &mut Vec::new(), &mut empty);
+    let first = problems.len();
+    let parsed = parse_section::<T>(prefix, value, problems);
+    let reported: Vec<String> = problems[first..].iter().map(|problem| problem.path.clone()).collect();
+    let empty: Vec<ConfigProblem> = empty
+        .into_iter()
+        .filter(|trail| !matches!(trail.as_slice(), [Step::Key(key)] if null_keys.contains(&key.as_str())))
+        .map(|trail| path_of(prefix, &trail))
+        .filter(|path| !reported.contains(path))
+        .map(|path| ConfigProblem::new(path, EMPTY_VALUE))
+        .collect();
+    if empty.is_empty() {
+        return parsed;
+    }
+    problems.extend(empty);
+    None
+}
+
+/// The problem of a key written with nothing after its colon.
+const EMPTY_VALUE: &str = "no value given; write a value after the colon, or remove the key if the setting is optional";
+
+/// Collects the trails of mapping entries whose value is empty (`null`).
+fn empty_values(value: &Value, trail: &mut Vec<Step>, found: &mut Vec<Vec<Step>>) {
+    match value {
+        Value::Mapping(mapping) => {
+            for (key, child) in mapping {
+                let Some(key) = key.as_str() else { continue };
+                trail.push(Step::Key(key.to_string()));
+                if child.is_null() {
+                    found.push(trail.clone());
+                } else {
+                    empty_values(child, trail, found);
+                }
+                trail.pop();
+            }
+        }
+        Value::Sequence(items) => {
+            for (index, child) in items.iter().enumerate() {
+                trail.push(Step::Index(index));
+                empty_values(child, trail, found);
+                trail.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Deserializes one section, recording a problem at each failing key's
+/// path.
+fn parse_section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<ConfigProblem>) -> Option<T> {
     let mut value = value;
     let mut removed: Vec<String> = Vec::new();
     for _ in 0..PROBLEMS_PER_SECTION {
@@ -115,9 +181,9 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
             Ok(parsed) => return removed.is_empty().then_some(parsed),
             Err(err) => {
                 let message = plain_types(&err.inner().to_string());
-                let trail = failing_trail::<T>(&value, &err, &message);
-                let message = name_variants::<T>(&value, &trail, message);
-                (trail, message)
+                let mut trail = failing_trail::<T>(&value, &err, &message);
+                let message = name_variants::<T>(&value, &mut trail, message);
+                settings_for_name(&value, trail, message)
             }
         };
         // A key removed after an earlier problem may be required; its
@@ -125,14 +191,7 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
         if removed.iter().any(|key| message.starts_with(&format!("missing field `{key}`"))) {
             return None;
         }
-        let mut path = prefix.to_string();
-        for step in &trail {
-            match step {
-                Step::Key(key) => path.push_str(&format!(".{key}")),
-                Step::Index(index) => path.push_str(&format!("[{index}]")),
-            }
-        }
-        problems.push(ConfigProblem::new(path, message));
+        problems.push(ConfigProblem::new(path_of(prefix, &trail), message));
         // Removing a sequence item would shift the indices of later
         // problems, so the search stops there.
         match trail.split_last() {
@@ -144,6 +203,43 @@ fn section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut Vec<C
         }
     }
     None
+}
+
+/// Returns the path of a key below a section, such as
+/// `stages[1].aggregates[0].op`.
+fn path_of(prefix: &str, trail: &[Step]) -> String {
+    let mut path = prefix.to_string();
+    for step in trail {
+        match step {
+            Step::Key(key) => path.push_str(&format!(".{key}")),
+            Step::Index(index) => path.push_str(&format!("[{index}]")),
+        }
+    }
+    path
+}
+
+/// A setting whose value is one of several names, given as a mapping from
+/// a name to settings (`compression: {zstd: 3}`), fails inside the mapping
+/// because the names take no settings. The problem is moved up to the
+/// setting, with the way to write it.
+fn settings_for_name(section: &Value, trail: Vec<Step>, message: String) -> (Vec<Step>, String) {
+    if !(message.starts_with("invalid type: ") && message.ends_with(", expected unit")) {
+        return (trail, message);
+    }
+    let Some((Step::Key(name), parent)) = trail.split_last() else { return (trail, message) };
+    let settings = match lookup(section, parent) {
+        Some(Value::Mapping(mapping)) if mapping.len() == 1 => mapping.get(name.as_str()),
+        _ => None,
+    };
+    let Some(Step::Key(setting)) = parent.last().filter(|_| settings.is_some()) else { return (trail, message) };
+    let mut message = format!("`{name}` takes no settings; write `{setting}: {name}`");
+    // The zstd level has a key of its own.
+    if setting == "compression"
+        && let Some(level) = settings.and_then(Value::as_i64)
+    {
+        message.push_str(&format!(" and `compression_level: {level}`"));
+    }
+    (parent.to_vec(), message)
 }
 
 /// Returns the path of the key that a deserialization error (with its
@@ -252,23 +348,34 @@ const VARIANT_EXPECTED: [&str; 2] = ["expected variant identifier", "expected st
 /// several names by the list of those names. serde lists them only for an
 /// unknown name, so the value is replaced by a name no setting has, and the
 /// list is taken from that error.
-fn name_variants<T: DeserializeOwned>(section: &Value, trail: &[Step], message: String) -> String {
+///
+/// An error about a tag inside a list item, such as an aggregate's `op`, is
+/// reported at the item, so the trail is extended to the tag's key.
+fn name_variants<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: String) -> String {
     let Some(expected) = VARIANT_EXPECTED.iter().find(|expected| message.ends_with(*expected)) else {
         return message;
     };
-    let Some((last, parent)) = trail.split_last() else { return message };
-    let mut probe = section.clone();
-    let Some(slot) = lookup_mut(&mut probe, parent).and_then(|node| match last {
-        Step::Key(key) => node.get_mut(key.as_str()),
-        Step::Index(index) => node.get_mut(*index),
-    }) else {
-        return message;
+    let error = match variant_probe::<T>(section, trail) {
+        Some(error) => error,
+        None => {
+            let keys: Vec<String> = match lookup(section, trail) {
+                Some(Value::Mapping(mapping)) => {
+                    mapping.keys().filter_map(|key| key.as_str().map(String::from)).collect()
+                }
+                _ => return message,
+            };
+            let found = keys.into_iter().find_map(|key| {
+                let mut candidate = trail.clone();
+                candidate.push(Step::Key(key));
+                variant_probe::<T>(section, &candidate).map(|error| (candidate, error))
+            });
+            let Some((candidate, error)) = found else { return message };
+            *trail = candidate;
+            error
+        }
     };
-    *slot = Value::from("\u{1}");
-    let Err(error) = serde_yaml_ng::from_value::<T>(probe) else { return message };
     // serde writes "unknown variant `NAME`, expected `a` or `b`", or
     // "expected one of `a`, `b`, `c`" for more names.
-    let error = error.to_string();
     match error.split_once("unknown variant `\u{1}`, ") {
         Some((_, names)) => {
             let names = names.split(" at line ").next().unwrap_or(names);
@@ -276,6 +383,20 @@ fn name_variants<T: DeserializeOwned>(section: &Value, trail: &[Step], message: 
         }
         None => message,
     }
+}
+
+/// Replaces the value at `trail` by a name that no setting has, and returns
+/// serde's error when it is about that name.
+fn variant_probe<T: DeserializeOwned>(section: &Value, trail: &[Step]) -> Option<String> {
+    let (last, parent) = trail.split_last()?;
+    let mut probe = section.clone();
+    let slot = lookup_mut(&mut probe, parent).and_then(|node| match last {
+        Step::Key(key) => node.get_mut(key.as_str()),
+        Step::Index(index) => node.get_mut(*index),
+    })?;
+    *slot = Value::from("\u{1}");
+    let error = serde_yaml_ng::from_value::<T>(probe).err()?.to_string();
+    error.contains("unknown variant `\u{1}`").then_some(error)
 }
 
 fn lookup_mut<'a>(value: &'a mut Value, trail: &[Step]) -> Option<&'a mut Value> {
@@ -448,6 +569,58 @@ mod tests {
         let text = format!("{HEADER}stages:\n  - {{kind: sample, column: y, from: }}\n");
         let found = problems(&text);
         assert_eq!(found[0].message, "no value given, expected `logits` or `probabilities`");
+    }
+
+    #[test]
+    fn empty_optional_value_is_a_problem() {
+        let text = format!(
+            "{HEADER}stages:\n  - {{kind: add_noise, column: x, std: 1, clip: , name: }}\n  - {{kind: aggregate, aggregates: [{{op: mean, column: y, output: }}]}}\ndaemon: {{http: }}\n"
+        );
+        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        let empty = "no value given; write a value after the colon, or remove the key if the setting is optional";
+        assert_eq!(
+            found,
+            [
+                format!("stages[0].clip: {empty}"),
+                format!("stages[0].name: {empty}"),
+                format!("stages[1].aggregates[0].output: {empty}"),
+            ]
+        );
+        // `http: null` turns the server off.
+        let text = format!("{HEADER}daemon: {{http: null}}\n");
+        let config = parse(&text).unwrap_or_else(|_| panic!("`http: null` is accepted"));
+        assert_eq!(config.daemon.http, None);
+    }
+
+    #[test]
+    fn empty_value_is_reported_once_beside_type_errors() {
+        let text = format!("{HEADER}stages:\n  - {{kind: add_noise, column: , std: one, clip: }}\n");
+        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found[0], "stages[0].column: no value given, expected a string");
+        assert!(found[1].starts_with("stages[0].std: invalid type: string \"one\", expected a number"), "{}", found[1]);
+        assert!(found[2].starts_with("stages[0].clip: no value given; write a value"), "{}", found[2]);
+    }
+
+    #[test]
+    fn name_given_settings_says_how_to_write_it() {
+        let text = "seed: 1\nsource: {kind: npy, path: x.npy}\nsink: {kind: arrow_file, path: y.arrow, compression: {zstd: 3}}\n";
+        let found: Vec<String> = problems(text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(
+            found,
+            ["sink.compression: `zstd` takes no settings; write `compression: zstd` and `compression_level: 3`"]
+        );
+        let text = format!("{HEADER}stages:\n  - {{kind: aggregate, aggregates: [{{op: {{mean: 2}}, column: y}}]}}\n");
+        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("stages[0].aggregates[0].op: invalid type: map, expected one of `mean`, "),
+            "{}",
+            found[0]
+        );
+        let text = format!("{HEADER}stages:\n  - {{kind: sample, column: y, from: {{logits: 1}}}}\n");
+        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        assert_eq!(found, ["stages[0].from: `logits` takes no settings; write `from: logits`"]);
     }
 
     #[test]
