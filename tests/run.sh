@@ -4,7 +4,8 @@
 #   2. checks that fixtures/make_fixtures.py rebuilds every fixture (byte for
 #      byte, but for the last bits of model weights: fixtures/check_rebuild.py),
 #   3. loads ONNX Runtime once (fetching it into the cache on a new machine),
-#   4. runs `cargo test`, with the pyarrow reader check made mandatory.
+#   4. runs `cargo test`, with the reader checks (pyarrow, polars, DuckDB)
+#      made mandatory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +14,9 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "== creating $venv"
     python3 -m venv "$venv"
 fi
-echo "== installing Python test packages (fixtures/requirements.txt)"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r fixtures/requirements.txt
+echo "== installing Python test packages (fixtures/requirements.txt, tests/python/requirements.txt)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r fixtures/requirements.txt -r tests/python/requirements.txt
 
 echo "== checking that the fixtures rebuild"
 rebuilt="$(mktemp -d)"
@@ -26,4 +28,4 @@ echo "== building and loading ONNX Runtime"
 cargo run --quiet -- validate pipelines/digits.yaml
 
 echo "== cargo test"
-STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_PYARROW=1 cargo test "$@"
+STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_READERS=1 cargo test "$@"

@@ -36,7 +36,8 @@ enum Command {
         /// Seed for every random draw, in place of the file's `seed`.
         #[arg(long)]
         seed: Option<u64>,
-        /// Output file, in place of the sink's `path` (relative to the working directory).
+        /// Output file, in place of the sink's `path` (relative to the working
+        /// directory); `-` writes an Arrow IPC stream to standard output.
         #[arg(long)]
         output: Option<PathBuf>,
     },

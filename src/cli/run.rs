@@ -10,7 +10,7 @@ use futures::FutureExt;
 use crate::config::{self, SinkConfig};
 use crate::config::{PipelineConfig, SourceConfig, StageConfig};
 use crate::runtime::{self, Counters};
-use crate::sink::{ArrowFileSink, Sink, resolve_output};
+use crate::sink::{ArrowFileSink, FileCompression, Sink, is_stdout, resolve_output};
 
 pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> anyhow::Result<ExitCode> {
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -23,14 +23,24 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     let loaded = config::load(pipeline_file, seed, output)?;
     let mut pipeline = runtime::plan(&loaded)?;
     let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink;
-    let output_path = resolve_output(&sink_config.path, &input_files(&loaded.config))?;
-    let arrow = ArrowFileSink::create(
-        &output_path,
-        pipeline.output_schema.clone(),
-        pipeline.projection.clone(),
-        sink_config.compression,
-        sink_config.rows_per_batch,
-    )?;
+    let compression = FileCompression { codec: sink_config.compression, level: sink_config.compression_level };
+    let to_stdout = is_stdout(&sink_config.path);
+    let arrow = if to_stdout {
+        ArrowFileSink::stdout(
+            pipeline.output_schema.clone(),
+            pipeline.projection.clone(),
+            compression,
+            sink_config.rows_per_batch,
+        )?
+    } else {
+        ArrowFileSink::create(
+            &resolve_output(&sink_config.path, &input_files(&loaded.config))?,
+            pipeline.output_schema.clone(),
+            pipeline.projection.clone(),
+            compression,
+            sink_config.rows_per_batch,
+        )?
+    };
     let sink = Sink::new(arrow, pipeline.images.take())?;
     let total = pipeline.source.len_hint();
     if let Some(code) = stops.as_mut().and_then(|stops| stops.next().now_or_never()) {
@@ -46,7 +56,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         let counters = Arc::new(Counters::default());
         let progress = super::progress::spawn(counters.clone(), total);
         let signal_counters = counters.clone();
-        let partial = sink.partial_path().to_path_buf();
+        let partial = sink.partial_path().map(Path::to_path_buf);
         let signal_code = stop_code.clone();
         let signals = tokio::spawn(async move {
             let Some(mut stops) = stops else { return };
@@ -69,7 +79,9 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
                 return;
             }
             // Exiting skips the sink's cleanup, so its partial file is removed here.
-            let _ = std::fs::remove_file(&partial);
+            if let Some(partial) = &partial {
+                let _ = std::fs::remove_file(partial);
+            }
             eprintln!("second stop signal received: aborted, no output written");
             super::exit_now(code);
         });
@@ -80,15 +92,21 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         result
     })?;
 
-    super::out!(
+    let line = format!(
         "read {}, wrote {} ({}), skipped {} in {:.3} s; output: {}",
         count(summary.read, "record"),
         count(summary.written, "record"),
         count(summary.rows, "row"),
         count(summary.rejected, "record"),
         summary.seconds,
-        sink_config.path.display()
+        if to_stdout { String::from("standard output") } else { sink_config.path.display().to_string() }
     );
+    // Standard output carries the data when it is the output.
+    if to_stdout {
+        eprintln!("{line}");
+    } else {
+        super::out!("{line}");
+    }
     if summary.interrupted {
         eprintln!("interrupted: the output contains the records read before the stop signal");
         return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));

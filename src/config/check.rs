@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::load::ConfigProblem;
-use super::{PipelineConfig, RuntimeConfig, SinkConfig, SourceConfig, StageConfig};
+use super::{Compression, PipelineConfig, RuntimeConfig, SinkConfig, SourceConfig, StageConfig};
 
 pub fn check(config: &PipelineConfig) -> Vec<ConfigProblem> {
     let stages: Vec<Option<&StageConfig>> = config.stages.iter().map(Some).collect();
@@ -48,6 +48,27 @@ fn check_sink(sink: &SinkConfig) -> Vec<ConfigProblem> {
     let SinkConfig::ArrowFile(arrow) = sink;
     if arrow.rows_per_batch == 0 {
         problems.push(ConfigProblem::new("sink.rows_per_batch", "must be at least 1, found 0"));
+    }
+    if let Some(level) = arrow.compression_level {
+        let levels = zstd::compression_level_range();
+        if arrow.compression != Compression::Zstd {
+            problems.push(ConfigProblem::new(
+                "sink.compression_level",
+                format!(
+                    "applies to `compression: zstd` only, and compression is `{}`; remove `compression_level` or use zstd",
+                    arrow.compression.name()
+                ),
+            ));
+        } else if !levels.contains(&level) {
+            problems.push(ConfigProblem::new(
+                "sink.compression_level",
+                format!(
+                    "must be a zstd level from {} to {}, found {level}; higher levels compress more and write slower",
+                    levels.start(),
+                    levels.end()
+                ),
+            ));
+        }
     }
     problems.extend(super::image_sink::check(sink));
     problems

@@ -181,7 +181,9 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
         }
     }
     let SinkConfig::ArrowFile(sink) = &mut config.sink;
-    resolve(&mut sink.path);
+    if !crate::sink::is_stdout(&sink.path) {
+        resolve(&mut sink.path);
+    }
     if let Some(images) = &mut sink.images {
         resolve(&mut images.path);
     }

@@ -18,6 +18,9 @@ pub struct ArrowFileSinkConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub compression: Compression,
+    /// The zstd level; zstd's default level when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_level: Option<i32>,
     /// Columns to write, in this order; every column when absent.
     #[serde(default)]
     pub columns: Option<Vec<String>>,
@@ -37,6 +40,16 @@ pub enum Compression {
     None,
     Lz4,
     Zstd,
+}
+
+impl Compression {
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 fn default_rows_per_batch() -> usize {

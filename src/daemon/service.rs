@@ -25,7 +25,7 @@ use crate::batch::Batch;
 use crate::config::{self, ConfigProblem, LoadedConfig, SinkConfig};
 use crate::runtime::{self, ChainOptions, PlannedStages, RunError, StageObserver, error_chain};
 use crate::sink::checkpoint::{self, Checkpoint};
-use crate::sink::{FileFormat, RotatingSink, SinkError};
+use crate::sink::{FileCompression, FileFormat, RotatingSink, SinkError};
 
 /// Exit code of a stop whose drain did not finish in time.
 const EXIT_DRAIN_TIMEOUT: u8 = 1;
@@ -309,7 +309,7 @@ async fn run_generation(
     let format = FileFormat {
         schema: planned.output_schema.clone(),
         projection: planned.projection.clone(),
-        compression: sink_config.compression,
+        compression: FileCompression { codec: sink_config.compression, level: sink_config.compression_level },
         rows_per_batch: sink_config.rows_per_batch,
     };
     let mut sink =
@@ -612,7 +612,12 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
     if sink.images.is_some() {
         problems.push(ConfigProblem::new("sink.images", "the daemon writes Arrow files only; remove `sink.images`"));
     }
-    if sink.path.is_file() {
+    if crate::sink::is_stdout(&sink.path) {
+        problems.push(ConfigProblem::new(
+            "sink.path",
+            "`-` (standard output) is for `stochflow run`; the daemon writes a directory of files, so choose a directory",
+        ));
+    } else if sink.path.is_file() {
         problems.push(ConfigProblem::new(
             "sink.path",
             format!(

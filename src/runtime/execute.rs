@@ -135,7 +135,11 @@ pub async fn execute(pipeline: Pipeline, sink: Sink, counters: Arc<Counters>) ->
         return Err(RunError::Task(String::from("the run was aborted before its output was committed")));
     }
     let path = sink.finish()?;
-    tracing::info!(path = %path.display(), "output committed");
+    if crate::sink::is_stdout(&path) {
+        tracing::info!("output stream to standard output ended");
+    } else {
+        tracing::info!(path = %path.display(), "output committed");
+    }
 
     Ok(Summary {
         read: counters.read.load(Ordering::Relaxed),

@@ -11,19 +11,31 @@
 //! Rows are regrouped into record batches of `rows_per_batch`, so the file's
 //! bytes depend on the data and that setting alone, never on the batch sizes
 //! used inside the pipeline. Nothing time-dependent is written.
+//!
+//! The output path `-` is standard output, which gets the Arrow IPC stream
+//! format instead. The stream has the same schema and batches, without a
+//! footer, so another program can read it through a pipe as it is written.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Stdout};
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::CompressionType;
-use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
+use arrow::ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
 
 use super::writeback::WritebackFile;
 use crate::config::Compression;
+
+/// Compression settings of a file's record batches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileCompression {
+    pub codec: Compression,
+    /// The zstd level; the codec's default when absent.
+    pub level: Option<i32>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -39,6 +51,16 @@ pub enum SinkError {
     Image { path: PathBuf, message: String },
     #[error("output path {}: {message}", path.display())]
     Target { path: PathBuf, message: String },
+    #[error("cannot write the Arrow stream to standard output: {message}")]
+    Stdout { message: String },
+}
+
+/// The output path of standard output.
+pub const STDOUT_PATH: &str = "-";
+
+/// Returns whether an output path is standard output.
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == STDOUT_PATH
 }
 
 /// Resolves the output path and rejects one that the commit's rename would
@@ -77,8 +99,9 @@ pub fn resolve_output(path: &Path, inputs: &[&Path]) -> Result<PathBuf, SinkErro
 
 pub struct ArrowFileSink {
     path: PathBuf,
-    partial: PathBuf,
-    writer: Option<FileWriter<BufWriter<WritebackFile>>>,
+    /// The file's name until it is committed; none for standard output.
+    partial: Option<PathBuf>,
+    writer: Option<Writer>,
     schema: SchemaRef,
     /// Indices of the written columns in the pipeline's output schema.
     projection: Vec<usize>,
@@ -94,7 +117,7 @@ impl ArrowFileSink {
         path: &Path,
         schema: SchemaRef,
         projection: Vec<usize>,
-        compression: Compression,
+        compression: FileCompression,
         rows_per_batch: usize,
     ) -> Result<Self, SinkError> {
         let io_error = |source| SinkError::Io { path: path.to_path_buf(), source };
@@ -108,19 +131,48 @@ impl ArrowFileSink {
         let file = File::create(&partial).map_err(io_error)?;
         let arrow_error =
             |err: arrow::error::ArrowError| SinkError::Arrow { path: path.to_path_buf(), message: err.to_string() };
-        let options = IpcWriteOptions::default()
-            .try_with_compression(match compression {
-                Compression::None => None,
-                Compression::Lz4 => Some(CompressionType::LZ4_FRAME),
-                Compression::Zstd => Some(CompressionType::ZSTD),
-            })
-            .map_err(arrow_error)?;
+        let options = write_options(compression).map_err(arrow_error)?;
         let writer = FileWriter::try_new_with_options(BufWriter::new(WritebackFile::new(file)), &schema, options)
             .map_err(arrow_error)?;
         Ok(Self {
             path: path.to_path_buf(),
-            partial,
-            writer: Some(writer),
+            partial: Some(partial),
+            writer: Some(Writer::File(writer)),
+            schema,
+            projection,
+            rows_per_batch,
+            pending: Vec::new(),
+            pending_rows: 0,
+        })
+    }
+
+    /// Writes the schema to standard output as the start of an Arrow IPC
+    /// stream. Fails when standard output is a terminal, which binary data
+    /// would garble.
+    pub fn stdout(
+        schema: SchemaRef,
+        projection: Vec<usize>,
+        compression: FileCompression,
+        rows_per_batch: usize,
+    ) -> Result<Self, SinkError> {
+        let stdout = std::io::stdout();
+        if std::io::IsTerminal::is_terminal(&stdout) {
+            return Err(SinkError::Stdout {
+                message: String::from(
+                    "it is a terminal; pipe it into a program or redirect it to a file, or give a file path as the output",
+                ),
+            });
+        }
+        let stream_error = |err: arrow::error::ArrowError| SinkError::Stdout { message: stream_message(&err) };
+        let options = write_options(compression).map_err(stream_error)?;
+        // Batches of several megabytes are written at once; the buffer only
+        // joins the small IPC messages around them.
+        let writer =
+            StreamWriter::try_new_with_options(BufWriter::new(stdout), &schema, options).map_err(stream_error)?;
+        Ok(Self {
+            path: PathBuf::from(STDOUT_PATH),
+            partial: None,
+            writer: Some(Writer::Stdout(writer)),
             schema,
             projection,
             rows_per_batch,
@@ -133,9 +185,10 @@ impl ArrowFileSink {
         &self.path
     }
 
-    /// Returns the temporary name the file has until it is committed.
-    pub fn partial_path(&self) -> &Path {
-        &self.partial
+    /// Returns the temporary name the file has until it is committed; none
+    /// for standard output.
+    pub fn partial_path(&self) -> Option<&Path> {
+        self.partial.as_deref()
     }
 
     /// Buffers a batch and writes every full record batch.
@@ -167,9 +220,11 @@ impl ArrowFileSink {
             let length = self.rows_per_batch.min(joined.num_rows() - offset);
             let chunk = joined.slice(offset, length);
             let writer = self.writer.as_mut().expect("the writer is open until finish");
-            writer
-                .write(&chunk)
-                .map_err(|err| SinkError::Arrow { path: self.path.clone(), message: err.to_string() })?;
+            let written = match writer {
+                Writer::File(writer) => writer.write(&chunk),
+                Writer::Stdout(writer) => writer.write(&chunk),
+            };
+            written.map_err(|err| self.arrow_error(err))?;
             offset += length;
         }
         self.pending_rows = joined.num_rows() - offset;
@@ -179,15 +234,26 @@ impl ArrowFileSink {
         Ok(())
     }
 
-    /// Adds a key-value pair to the footer's custom metadata.
+    /// Adds a key-value pair to the footer's custom metadata. A stream has
+    /// no footer; only files are given one.
     pub fn set_footer_metadata(&mut self, key: &str, value: String) {
-        self.writer.as_mut().expect("the writer is open until finish").write_metadata(key, value);
+        if let Some(Writer::File(writer)) = self.writer.as_mut() {
+            writer.write_metadata(key, value);
+        }
     }
 
-    /// Writes the footer and commits the file under its final name.
+    /// Writes the footer and commits the file under its final name; on
+    /// standard output, writes the end of the stream and flushes it.
     pub fn finish(mut self) -> Result<PathBuf, SinkError> {
         self.flush(true)?;
-        let mut writer = self.writer.take().expect("the writer is open until finish");
+        let mut writer = match self.writer.take().expect("the writer is open until finish") {
+            Writer::File(writer) => writer,
+            Writer::Stdout(mut writer) => {
+                // Finishing flushes the stream.
+                writer.finish().map_err(|err| self.arrow_error(err))?;
+                return Ok(self.path.clone());
+            }
+        };
         writer.finish().map_err(|err| self.arrow_error(err))?;
         let file = writer.into_inner().map_err(|err| self.arrow_error(err))?;
         let file = file
@@ -197,7 +263,8 @@ impl ArrowFileSink {
         let io_error = |source| SinkError::Io { path: self.path.clone(), source };
         file.sync_all().map_err(io_error)?;
         drop(file);
-        std::fs::rename(&self.partial, &self.path).map_err(io_error)?;
+        let partial = self.partial.as_ref().expect("a file sink has a partial file");
+        std::fs::rename(partial, &self.path).map_err(io_error)?;
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(parent).and_then(|dir| dir.sync_all()).map_err(io_error)?;
         }
@@ -205,15 +272,47 @@ impl ArrowFileSink {
     }
 
     fn arrow_error(&self, err: arrow::error::ArrowError) -> SinkError {
-        SinkError::Arrow { path: self.path.clone(), message: err.to_string() }
+        match self.partial {
+            Some(_) => SinkError::Arrow { path: self.path.clone(), message: err.to_string() },
+            None => SinkError::Stdout { message: stream_message(&err) },
+        }
     }
 }
 
 impl Drop for ArrowFileSink {
     /// Removes the partial file of a sink that was not finished.
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
-            let _ = std::fs::remove_file(&self.partial);
+        if self.writer.take().is_some()
+            && let Some(partial) = &self.partial
+        {
+            let _ = std::fs::remove_file(partial);
         }
+    }
+}
+
+/// The Arrow IPC writer of a file or of standard output.
+enum Writer {
+    File(FileWriter<BufWriter<WritebackFile>>),
+    Stdout(StreamWriter<BufWriter<Stdout>>),
+}
+
+fn write_options(compression: FileCompression) -> Result<IpcWriteOptions, arrow::error::ArrowError> {
+    IpcWriteOptions::default()
+        .try_with_compression(match compression.codec {
+            Compression::None => None,
+            Compression::Lz4 => Some(CompressionType::LZ4_FRAME),
+            Compression::Zstd => Some(CompressionType::ZSTD),
+        })
+        .and_then(|options| options.try_with_compression_level(compression.level))
+}
+
+/// Returns the message for a failed write to standard output. A reader that
+/// exited early (a broken pipe) is the usual cause.
+fn stream_message(err: &arrow::error::ArrowError) -> String {
+    match err {
+        arrow::error::ArrowError::IoError(_, io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            String::from("the program reading it closed the pipe before the end of the output")
+        }
+        other => other.to_string(),
     }
 }

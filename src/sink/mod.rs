@@ -7,7 +7,7 @@ mod output;
 mod rotating;
 mod writeback;
 
-pub use arrow_file::{ArrowFileSink, SinkError, resolve_output};
+pub use arrow_file::{ArrowFileSink, FileCompression, STDOUT_PATH, SinkError, is_stdout, resolve_output};
 pub use images::ImageSink;
 pub use output::Sink;
 pub use rotating::{Committed, FileFormat, KeepUnit, RotatingSink, dead_letter_schema};

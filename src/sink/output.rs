@@ -21,8 +21,9 @@ impl Sink {
         Ok(Self { arrow, images })
     }
 
-    /// Returns the temporary name of the Arrow file until it is committed.
-    pub fn partial_path(&self) -> &Path {
+    /// Returns the temporary name of the Arrow file until it is committed;
+    /// none for standard output.
+    pub fn partial_path(&self) -> Option<&Path> {
         self.arrow.partial_path()
     }
 

@@ -27,9 +27,9 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::checkpoint::{Checkpoint, FOOTER_KEY, UnitProgress, dead_letter_name, part_name};
-use super::{ArrowFileSink, SinkError};
+use super::{ArrowFileSink, FileCompression, SinkError};
 use crate::batch::{Batch, RecordRuns, Rejected};
-use crate::config::{Compression, RotateConfig};
+use crate::config::RotateConfig;
 
 /// The files and records of one commit.
 #[derive(Debug, Default)]
@@ -54,7 +54,7 @@ pub struct FileFormat {
     pub schema: SchemaRef,
     /// Indices of the written columns in each batch.
     pub projection: Vec<usize>,
-    pub compression: Compression,
+    pub compression: FileCompression,
     pub rows_per_batch: usize,
 }
 
@@ -207,7 +207,7 @@ impl RotatingSink {
             let schema = dead_letter_schema();
             let columns = (0..schema.fields().len()).collect();
             let mut file =
-                ArrowFileSink::create(&path, schema, columns, Compression::None, self.format.rows_per_batch)?;
+                ArrowFileSink::create(&path, schema, columns, FileCompression::default(), self.format.rows_per_batch)?;
             file.write(&self.dead_letter_batch())?;
             if !has_rows {
                 file.set_footer_metadata(FOOTER_KEY, footer.clone());
@@ -288,8 +288,12 @@ mod tests {
     }
 
     fn sink(dir: &Path, rows: u64) -> RotatingSink {
-        let format =
-            FileFormat { schema: schema(), projection: vec![0], compression: Compression::None, rows_per_batch: 8 };
+        let format = FileFormat {
+            schema: schema(),
+            projection: vec![0],
+            compression: FileCompression::default(),
+            rows_per_batch: 8,
+        };
         let rotate = RotateConfig { rows, bytes: u64::MAX, age_ms: 60_000 };
         RotatingSink::new(dir, format, rotate, checkpoint::recover(dir).unwrap(), "id")
     }

@@ -33,6 +33,26 @@ pub fn stochflow(args: &[&str]) -> Outcome {
     }
 }
 
+/// Returns the Python for the reader checks (`STOCHFLOW_TEST_PYTHON`, else
+/// `python3`) when it imports every one of `modules`. Otherwise `None`, and the
+/// check is skipped, unless `STOCHFLOW_REQUIRE_READERS` is set (as
+/// tests/run.sh sets it, after installing the packages), which fails it.
+pub fn python_with(modules: &[&str]) -> Option<String> {
+    let python = std::env::var("STOCHFLOW_TEST_PYTHON").unwrap_or_else(|_| String::from("python3"));
+    let imports = format!("import {}", modules.join(", "));
+    let found = Command::new(&python).args(["-c", &imports]).status().is_ok_and(|status| status.success());
+    if found {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("STOCHFLOW_REQUIRE_READERS").is_none(),
+        "these Python packages are required but `{python} -c '{imports}'` failed: {}",
+        modules.join(", ")
+    );
+    eprintln!("skipping: {python} cannot import {}; run tests/run.sh to include this check", modules.join(", "));
+    None
+}
+
 /// Writes `yaml` to `dir/name` and returns the path.
 pub fn write_pipeline(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);

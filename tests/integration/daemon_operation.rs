@@ -496,6 +496,20 @@ daemon: {{http: null}}
     assert_eq!(outcome.code, 1, "a poll interval of 0 ms exits 1:\n{}", outcome.stderr);
     assert!(outcome.stderr.contains("source.poll_ms"), "the error names source.poll_ms:\n{}", outcome.stderr);
 
+    let to_stdout = watch.replace(
+        &format!("sink: {{kind: arrow_file, path: {}}}", yaml_path(&dirs.output)),
+        "sink: {kind: arrow_file, path: \"-\"}",
+    );
+    assert_ne!(to_stdout, watch, "the pipeline's sink is replaced");
+    let pipeline = write_pipeline(dirs.root.path(), "to_stdout.yaml", &to_stdout);
+    let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "standard output as the daemon's sink exits 1:\n{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("sink.path: `-` (standard output) is for `stochflow run`"),
+        "the error names sink.path:\n{}",
+        outcome.stderr
+    );
+
     let path_pattern = watch.replace("path: \"*.arrow\"", "path: \"data/*.arrow\"");
     let pipeline = write_pipeline(dirs.root.path(), "path_pattern.yaml", &path_pattern);
     let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);

@@ -660,23 +660,6 @@ fn sigterm_keeps_acked_records() {
     ));
 }
 
-/// Python with pyarrow, for the Python client test: `STOCHFLOW_TEST_PYTHON`,
-/// else `python3`. Returns `None` when pyarrow cannot be imported, unless
-/// `STOCHFLOW_REQUIRE_PYARROW` is set (tests/run.sh sets it).
-fn pyarrow_python() -> Option<String> {
-    let python = std::env::var("STOCHFLOW_TEST_PYTHON").unwrap_or_else(|_| String::from("python3"));
-    let has_pyarrow =
-        std::process::Command::new(&python).args(["-c", "import pyarrow"]).status().is_ok_and(|s| s.success());
-    if has_pyarrow {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("STOCHFLOW_REQUIRE_PYARROW").is_none(),
-        "pyarrow is required but `{python} -c 'import pyarrow'` failed"
-    );
-    None
-}
-
 /// The Python client of docs/daemon.md, with the file, port and stream name
 /// as arguments, printing each reply as one JSON line.
 const PYTHON_CLIENT: &str = r#"
@@ -708,10 +691,7 @@ with socket.create_connection(("127.0.0.1", port)) as connection:
 /// output equals a clean `stochflow run`.
 #[test]
 fn python_client_receives_acks() {
-    let Some(python) = pyarrow_python() else {
-        note("python_client_receives_acks: skipped, pyarrow is not installed; run tests/run.sh to include this check");
-        return;
-    };
+    let Some(python) = crate::common::python_with(&["pyarrow"]) else { return };
     let setup = setup(false);
     let Listen::Tcp(port) = setup.listen else { unreachable!("the setup listens on TCP") };
     let mut daemon = setup.start("daemon");

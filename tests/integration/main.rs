@@ -11,6 +11,8 @@ mod augment;
 mod bad_input;
 /// `inspect`, `validate` and the options of `run`.
 mod commands;
+/// LZ4 and zstd output, and the zstd level.
+mod compression;
 /// The daemon's delivery: drain on SIGTERM, exactly once across kill -9, rotation, metrics, memory.
 mod daemon_delivery;
 /// The daemon in operation: full disk, corrupt inputs, reloads, bad settings, JSON logs.
@@ -33,9 +35,11 @@ mod model_path;
 mod noise_kinds;
 /// Mean, spread, tails and clipping of the Gaussian noise.
 mod noise_statistics;
-/// pyarrow reads the output.
-mod pyarrow_reader;
+/// pyarrow, polars and DuckDB read the output files and stream.
+mod readers;
 /// Categorical sampling frequencies and temperature limits.
 mod sampling;
 /// Truncated, sequence, Bernoulli, Gaussian and rounding draws; aggregates.
 mod sampling_catalogue;
+/// `run --output -`: the Arrow IPC stream on standard output.
+mod stdout_stream;
