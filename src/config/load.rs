@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::check::{Sections, check_sections};
 use super::locate::Locator;
 use super::parse::ParseError;
+use super::sink::ZSTD_DEFAULT_LEVEL;
 use super::{PipelineConfig, SinkConfig, SourceConfig, StageConfig};
 
 /// One problem in a pipeline file, at a path such as `stages[1].std`.
@@ -198,6 +199,14 @@ fn fingerprint(config: &PipelineConfig) -> String {
     remove_keys(&mut value, &["runtime", "daemon"]);
     remove_keys(&mut value["source"], &["batch_size"]);
     remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
+    // Writing out zstd's default level, or 0, which zstd reads as its
+    // default, is the same as leaving the level out.
+    if value["sink"]["compression_level"]
+        .as_i64()
+        .is_some_and(|level| level == 0 || level == i64::from(ZSTD_DEFAULT_LEVEL))
+    {
+        remove_keys(&mut value["sink"], &["compression_level"]);
+    }
     if let Some(images) = value["sink"].get_mut("images") {
         remove_keys(images, &["path"]);
     }
@@ -247,5 +256,29 @@ mod tests {
         assert_eq!(normalize(Path::new("pipelines/../out/x.arrow")), PathBuf::from("out/x.arrow"));
         assert_eq!(normalize(Path::new("../fixtures/./m.onnx")), PathBuf::from("../fixtures/m.onnx"));
         assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
+    }
+
+    /// Returns the config hash of a latent pipeline with the sink settings
+    /// `sink`.
+    fn hash_with_sink(sink: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        let text = format!(
+            "seed: 1\nsource: {{kind: latent, records: 3, shape: [2]}}\nsink: {{kind: arrow_file, path: y.arrow{sink}}}\n"
+        );
+        std::fs::write(&file, text).unwrap();
+        match load(&file, None, None) {
+            Ok(loaded) => loaded.fingerprint,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn default_zstd_level_leaves_hash_unchanged() {
+        let zstd = hash_with_sink(", compression: zstd");
+        assert_eq!(hash_with_sink(", compression: zstd, compression_level: 3"), zstd);
+        assert_eq!(hash_with_sink(", compression: zstd, compression_level: 0"), zstd);
+        assert_ne!(hash_with_sink(", compression: zstd, compression_level: 9"), zstd);
+        assert_eq!(hash_with_sink(", compression: none"), hash_with_sink(""));
     }
 }

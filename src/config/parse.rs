@@ -125,16 +125,20 @@ fn section<T: DeserializeOwned>(
 ) -> Option<T> {
     let mut empty = Vec::new();
     empty_values(&value, &mut Vec::new(), &mut empty);
+    let original = value.clone();
     let first = problems.len();
     let parsed = parse_section::<T>(prefix, value, problems);
     let reported: Vec<String> = problems[first..].iter().map(|problem| problem.path.clone()).collect();
-    let empty: Vec<ConfigProblem> = empty
+    let mut empty: Vec<ConfigProblem> = empty
         .into_iter()
         .filter(|trail| !matches!(trail.as_slice(), [Step::Key(key)] if null_keys.contains(&key.as_str())))
-        .map(|trail| path_of(prefix, &trail))
-        .filter(|path| !reported.contains(path))
-        .map(|path| ConfigProblem::new(path, EMPTY_VALUE))
+        .map(|trail| {
+            let (trail, message) = name_setting::<T>(&original, trail, EMPTY_VALUE.to_string());
+            ConfigProblem::new(path_of(prefix, &trail), message)
+        })
+        .filter(|problem| !reported.contains(&problem.path))
         .collect();
+    empty.dedup_by(|a, b| a.path == b.path);
     if empty.is_empty() {
         return parsed;
     }
@@ -183,7 +187,7 @@ fn parse_section<T: DeserializeOwned>(prefix: &str, value: Value, problems: &mut
                 let message = plain_types(&err.inner().to_string());
                 let mut trail = failing_trail::<T>(&value, &err, &message);
                 let message = name_variants::<T>(&value, &mut trail, message);
-                settings_for_name(&value, trail, message)
+                name_setting::<T>(&value, trail, message)
             }
         };
         // A key removed after an earlier problem may be required; its
@@ -218,28 +222,44 @@ fn path_of(prefix: &str, trail: &[Step]) -> String {
     path
 }
 
-/// A setting whose value is one of several names, given as a mapping from
-/// a name to settings (`compression: {zstd: 3}`), fails inside the mapping
-/// because the names take no settings. The problem is moved up to the
-/// setting, with the way to write it.
-fn settings_for_name(section: &Value, trail: Vec<Step>, message: String) -> (Vec<Step>, String) {
-    if !(message.starts_with("invalid type: ") && message.ends_with(", expected unit")) {
-        return (trail, message);
+/// Words the problem of a setting whose value is one of several names and
+/// that is given a mapping (`compression: {zstd: 3}`, `from: {}`). serde
+/// reports it inside the mapping or as a map of the wrong size, so the
+/// trail is searched for such a setting, and the problem is moved to it.
+fn name_setting<T: DeserializeOwned>(section: &Value, trail: Vec<Step>, message: String) -> (Vec<Step>, String) {
+    for end in 1..=trail.len() {
+        let prefix = &trail[..end];
+        let (Some(Step::Key(setting)), Some(Value::Mapping(given))) = (prefix.last(), lookup(section, prefix)) else {
+            continue;
+        };
+        let Some(error) = variant_probe::<T>(section, prefix) else { continue };
+        let Some((_, names)) = error.split_once("unknown variant `\u{1}`, ") else { continue };
+        let names = names.split(" at line ").next().unwrap_or(names);
+        let name = match given.iter().collect::<Vec<_>>()[..] {
+            [(key, value)] => key.as_str().filter(|key| names.contains(&format!("`{key}`"))).map(|key| (key, value)),
+            _ => None,
+        };
+        let message = match name {
+            Some((name, value)) => {
+                let mut message = format!("`{setting}` takes a name alone, not a mapping: write `{setting}: {name}`");
+                // The zstd level has a key of its own.
+                let parent = lookup(section, &prefix[..end - 1]);
+                if setting == "compression"
+                    && name == "zstd"
+                    && let Some(level) = value.as_i64()
+                    && parent.is_some_and(|parent| parent.get("compression_level").is_none())
+                {
+                    message.push_str(&format!(", with the level as `compression_level: {level}`"));
+                } else if value.is_mapping() {
+                    message.push_str(&format!(", with its settings beside `{setting}`"));
+                }
+                message
+            }
+            None => format!("`{setting}` takes a name alone, not a mapping; {names}"),
+        };
+        return (prefix.to_vec(), message);
     }
-    let Some((Step::Key(name), parent)) = trail.split_last() else { return (trail, message) };
-    let settings = match lookup(section, parent) {
-        Some(Value::Mapping(mapping)) if mapping.len() == 1 => mapping.get(name.as_str()),
-        _ => None,
-    };
-    let Some(Step::Key(setting)) = parent.last().filter(|_| settings.is_some()) else { return (trail, message) };
-    let mut message = format!("`{name}` takes no settings; write `{setting}: {name}`");
-    // The zstd level has a key of its own.
-    if setting == "compression"
-        && let Some(level) = settings.and_then(Value::as_i64)
-    {
-        message.push_str(&format!(" and `compression_level: {level}`"));
-    }
-    (parent.to_vec(), message)
+    (trail, message)
 }
 
 /// Returns the path of the key that a deserialization error (with its
@@ -455,6 +475,12 @@ fn syntax_message(err: &serde_yaml_ng::Error) -> (Option<(usize, usize)>, String
             message.replace_range(start..start + suffix.len(), "");
         }
     }
+    // A value of `-` alone starts a list.
+    if message.starts_with("block sequence entries are not allowed in this context") {
+        message.push_str(
+            "; a `-` after a key starts a list, so write a value of - in quotes (\"-\"), as for standard output",
+        );
+    }
     // An integer beyond 64 bits fails as the wrong type for any YAML value.
     if message.contains("invalid type: integer") && message.contains("expected any YAML value") {
         message = message.replace(
@@ -473,6 +499,10 @@ fn plain_types(message: &str) -> String {
         ("expected usize", "expected a non-negative integer"),
         ("expected u64", "expected a non-negative integer"),
         ("expected u32", "expected a non-negative integer"),
+        ("expected i32", "expected an integer"),
+        ("expected internally tagged enum SourceConfig", "expected a mapping with `kind` and the source's settings"),
+        ("expected internally tagged enum StageConfig", "expected a mapping with `kind` and the stage's settings"),
+        ("expected internally tagged enum SinkConfig", "expected a mapping with `kind` and the sink's settings"),
         ("expected i64", "expected an integer"),
         ("expected f64", "expected a number"),
         ("expected f32", "expected a number"),
@@ -603,24 +633,68 @@ mod tests {
     }
 
     #[test]
-    fn name_given_settings_says_how_to_write_it() {
-        let text = "seed: 1\nsource: {kind: npy, path: x.npy}\nsink: {kind: arrow_file, path: y.arrow, compression: {zstd: 3}}\n";
-        let found: Vec<String> = problems(text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
-        assert_eq!(
-            found,
-            ["sink.compression: `zstd` takes no settings; write `compression: zstd` and `compression_level: 3`"]
-        );
-        let text = format!("{HEADER}stages:\n  - {{kind: aggregate, aggregates: [{{op: {{mean: 2}}, column: y}}]}}\n");
-        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0].starts_with("stages[0].aggregates[0].op: invalid type: map, expected one of `mean`, "),
-            "{}",
-            found[0]
-        );
-        let text = format!("{HEADER}stages:\n  - {{kind: sample, column: y, from: {{logits: 1}}}}\n");
-        let found: Vec<String> = problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
-        assert_eq!(found, ["stages[0].from: `logits` takes no settings; write `from: logits`"]);
+    fn name_given_a_mapping_says_how_to_write_it() {
+        let cases = [
+            (
+                "compression: {zstd: 3}",
+                "sink.compression: `compression` takes a name alone, not a mapping: write `compression: zstd`, with the level as `compression_level: 3`",
+            ),
+            (
+                "compression: {zstd: 3}, compression_level: 5",
+                "sink.compression: `compression` takes a name alone, not a mapping: write `compression: zstd`",
+            ),
+            (
+                "compression: {lz4: 3}",
+                "sink.compression: `compression` takes a name alone, not a mapping: write `compression: lz4`",
+            ),
+            (
+                "compression: {zstd: {level: 3}}",
+                "sink.compression: `compression` takes a name alone, not a mapping: write `compression: zstd`, with its settings beside `compression`",
+            ),
+            (
+                "compression: {}",
+                "sink.compression: `compression` takes a name alone, not a mapping; expected one of `none`, `lz4`, `zstd`",
+            ),
+        ];
+        for (settings, expected) in cases {
+            let text = format!(
+                "seed: 1\nsource: {{kind: npy, path: x.npy}}\nsink: {{kind: arrow_file, path: y.arrow, {settings}}}\n"
+            );
+            let found: Vec<String> =
+                problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+            assert_eq!(found, [expected], "{settings}");
+        }
+
+        let stages = [
+            (
+                "{kind: aggregate, aggregates: [{op: {mean: 2}, column: y}]}",
+                "stages[0].aggregates[0].op: `op` takes a name alone, not a mapping: write `op: mean`",
+            ),
+            (
+                "{kind: sample, column: y, from: {logits: 1}}",
+                "stages[0].from: `from` takes a name alone, not a mapping: write `from: logits`",
+            ),
+            (
+                "{kind: sample, column: y, from: {logits: }}",
+                "stages[0].from: `from` takes a name alone, not a mapping: write `from: logits`",
+            ),
+            (
+                "{kind: sample, column: y, from: {logits: 1, probabilities: 2}}",
+                "stages[0].from: `from` takes a name alone, not a mapping; expected `logits` or `probabilities`",
+            ),
+        ];
+        for (stage, expected) in stages {
+            let text = format!("{HEADER}stages:\n  - {stage}\n");
+            let found: Vec<String> =
+                problems(&text).into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+            assert_eq!(found, [expected], "{stage}");
+        }
+    }
+
+    #[test]
+    fn dash_value_asks_for_quotes() {
+        let (_, message) = syntax_error("seed: 1\nsink:\n  kind: arrow_file\n  path: -\n");
+        assert!(message.ends_with("so write a value of - in quotes (\"-\"), as for standard output"), "{message}");
     }
 
     #[test]

@@ -52,6 +52,9 @@ impl Compression {
     }
 }
 
+/// The zstd level that Arrow's IPC writer uses when none is given.
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+
 fn default_rows_per_batch() -> usize {
     4096
 }

@@ -62,7 +62,7 @@ fn level_needs_zstd_and_a_valid_level() {
         ),
         (
             "  compression: {zstd: 3}\n",
-            "sink.compression: `zstd` takes no settings; write `compression: zstd` and `compression_level: 3`",
+            "sink.compression: `compression` takes a name alone, not a mapping: write `compression: zstd`, with the level as `compression_level: 3`",
         ),
     ];
     for (i, (settings, expected)) in cases.into_iter().enumerate() {
