@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
+use crate::model::dropout::{self, Ratio};
 use crate::model::proto::{self, GraphProto, ValueInfoProto};
 
 pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
@@ -50,7 +51,7 @@ pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
     for output in &graph.output {
         super::out!("  {}", describe_value(output));
     }
-    print_dropout(&graph, &initializers);
+    print_dropout(&graph);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -76,35 +77,15 @@ fn describe_value(value: &ValueInfoProto) -> String {
     format!("{name}  {element}  [{}]", dims.join(", "))
 }
 
-fn print_dropout(graph: &GraphProto, initializers: &HashMap<&str, &proto::TensorProto>) {
-    let dropouts: Vec<_> = graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Dropout")).collect();
+fn print_dropout(graph: &GraphProto) {
+    let dropouts = dropout::dropout_nodes(graph);
     super::out!("dropout nodes: {}", dropouts.len());
     for node in dropouts {
-        // Before opset 12 the ratio is an attribute; from 12 on, an optional input.
-        let attribute = node.attribute.iter().find(|a| a.name.as_deref() == Some("ratio")).and_then(|a| a.f);
-        let input = node.input.get(1).and_then(|name| initializers.get(name.as_str())).and_then(|t| scalar_f32(t));
-        let ratio = match (attribute, input, node.input.get(1)) {
-            (Some(r), _, _) | (None, Some(r), _) => format!("ratio {r}"),
-            (None, None, Some(name)) if !name.is_empty() => format!("ratio from input {name:?}"),
-            _ => String::from("ratio 0.5 (default)"),
+        let ratio = match &node.ratio {
+            Ratio::Value(ratio) => format!("ratio {ratio}"),
+            Ratio::Default => String::from("ratio 0.5 (default)"),
+            Ratio::Computed(tensor) => format!("ratio from tensor {tensor:?}"),
         };
-        super::out!(
-            "  {}  {ratio}  {} -> {}",
-            node.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("(unnamed)"),
-            node.input.first().map(String::as_str).unwrap_or_default(),
-            node.output.first().map(String::as_str).unwrap_or_default()
-        );
+        super::out!("  {}  {ratio}  {} -> {}", node.name, node.input, node.output);
     }
-}
-
-/// Reads a float32 scalar initializer.
-fn scalar_f32(tensor: &proto::TensorProto) -> Option<f32> {
-    if tensor.data_type != Some(1) {
-        return None;
-    }
-    if let Some(&value) = tensor.float_data.first() {
-        return Some(value);
-    }
-    let raw = tensor.raw_data.as_deref()?;
-    Some(f32::from_le_bytes(raw.get(..4)?.try_into().ok()?))
 }

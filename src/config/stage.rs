@@ -196,6 +196,9 @@ pub struct InferConfig {
     /// cores, at most 4.
     #[serde(default, deserialize_with = "super::count::optional_count")]
     pub sessions: Option<usize>,
+    /// Keeps the model's Dropout nodes active, with masks drawn by the stage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mc_dropout: bool,
 }
 
 /// Maximum sessions a stage opens by default, because each session keeps

@@ -1,6 +1,7 @@
 //! ONNX models: finding ONNX Runtime, reading model files, building sessions
 //! and describing model signatures.
 
+pub mod dropout;
 pub mod inspect;
 pub mod library;
 pub mod proto;

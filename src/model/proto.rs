@@ -63,6 +63,8 @@ pub struct AttributeProto {
     pub f: Option<f32>,
     #[prost(int64, optional, tag = "3")]
     pub i: Option<i64>,
+    #[prost(message, optional, tag = "5")]
+    pub t: Option<TensorProto>,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -37,6 +37,7 @@ fn validate_accepts_shipped_pipelines() {
         "pipelines/digits.yaml",
         "pipelines/photos.yaml",
         "pipelines/photos_tta.yaml",
+        "pipelines/digits_mc_dropout.yaml",
         "pipelines/sampling.yaml",
         "pipelines/generator.yaml",
         "pipelines/generator_interpolate.yaml",

@@ -29,6 +29,8 @@ mod image_sink;
 mod images;
 /// The `latent` source: prior statistics, interpolation, determinism.
 mod latent_source;
+/// Monte Carlo dropout: mask rates and scales, determinism, the shipped pipeline.
+mod mc_dropout;
 /// The model path agrees with onnxruntime in Python; noise hurts accuracy.
 mod model_path;
 /// Uniform, multiplicative, dropout, salt-and-pepper, Poisson and speckle noise.

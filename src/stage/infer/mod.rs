@@ -9,6 +9,11 @@
 //! a copy. A record whose inputs hold NaN or infinity is rejected before the
 //! run. When a run fails, the batch is retried record by record, so that only
 //! the records that fail are rejected.
+//!
+//! With `mc_dropout`, the model's Dropout nodes stay active, with masks drawn
+//! by the stage ([`dropout`]).
+
+mod dropout;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -24,6 +29,7 @@ use super::{PlanContext, Planned, Stage, StageError, reject_rows, schema_with};
 use crate::batch::Batch;
 use crate::config::{ConfigProblem, ConstantConfig, ConstantType, InferConfig};
 use crate::model::{ModelFile, Signature, TensorInfo};
+use crate::rng::StageRng;
 use crate::tensor::{self, ElementType, TensorType};
 
 /// A model input fed from a column.
@@ -58,6 +64,7 @@ pub struct Infer {
     outputs: Vec<KeptOutput>,
     key_column: String,
     schema: SchemaRef,
+    dropout: Option<dropout::DropoutMasks>,
 }
 
 /// Sessions shared by the worker threads; each run takes one for itself.
@@ -217,9 +224,36 @@ impl Infer {
             return Err(problems);
         }
 
-        let mut sessions = vec![first];
-        for _ in 1..session_count {
-            sessions.push(model.session(threads).map_err(|err| vec![context.problem("model", err.to_string())])?);
+        let constants: Vec<(String, ConstantConfig)> =
+            config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let (model, first, masks) = if config.mc_dropout {
+            drop(first);
+            let graph_inputs: BTreeMap<String, Vec<usize>> =
+                columns.iter().map(|input| (input.input.clone(), input.tensor.shape.clone())).collect();
+            let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
+            let masked = dropout::mask_model(
+                &model,
+                threads,
+                StageRng::new(context.seed, &name),
+                context.key_column,
+                &graph_inputs,
+                probe,
+            )
+            .map_err(|message| vec![context.problem("mc_dropout", message)])?;
+            (masked.model, None, Some(masked.masks))
+        } else {
+            (model, Some(first), None)
+        };
+        let mut sessions: Vec<Session> = first.into_iter().collect();
+        while sessions.len() < session_count {
+            let session = model.session(threads).map_err(|err| match masks {
+                Some(_) => vec![context.problem(
+                    "mc_dropout",
+                    format!("the model with its Dropout nodes rewritten into masks cannot be loaded: {err}"),
+                )],
+                None => vec![context.problem("model", err.to_string())],
+            })?;
+            sessions.push(session);
         }
 
         let mut schema = context.input.clone();
@@ -232,10 +266,11 @@ impl Infer {
             pool: SessionPool::new(sessions),
             batch_size,
             columns,
-            constants: config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            constants,
             outputs,
             key_column: context.key_column.to_string(),
             schema: schema.clone(),
+            dropout: masks,
         };
         Ok((Box::new(stage), schema))
     }
@@ -268,25 +303,10 @@ impl Infer {
             inputs.push((input.input.clone(), value));
         }
         for (name, constant) in &self.constants {
-            let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
-            let value: SessionInputValue<'_> = match constant.dtype {
-                ConstantType::Float32 => {
-                    Tensor::from_array((shape, constant.values.iter().map(|&v| v as f32).collect::<Vec<_>>()))
-                        .map_err(|e| e.to_string())?
-                        .into()
-                }
-                ConstantType::Int64 => {
-                    Tensor::from_array((shape, constant.values.iter().map(|&v| v as i64).collect::<Vec<_>>()))
-                        .map_err(|e| e.to_string())?
-                        .into()
-                }
-                ConstantType::Bool => {
-                    Tensor::from_array((shape, constant.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>()))
-                        .map_err(|e| e.to_string())?
-                        .into()
-                }
-            };
-            inputs.push((name.clone(), value));
+            inputs.push((name.clone(), constant_value(constant)?));
+        }
+        if let Some(dropout) = &self.dropout {
+            inputs.extend(dropout.draw(data)?);
         }
 
         let results = session.run(inputs).map_err(|e| e.to_string())?;
@@ -371,6 +391,53 @@ impl Infer {
         arrow::array::RecordBatch::try_new(self.schema.clone(), result.columns().to_vec())
             .expect("the planned schema matches the outputs")
     }
+}
+
+/// Builds the tensor of a constant model input.
+fn constant_value(constant: &ConstantConfig) -> Result<SessionInputValue<'static>, String> {
+    let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
+    let value: SessionInputValue<'static> = match constant.dtype {
+        ConstantType::Float32 => {
+            Tensor::from_array((shape, constant.values.iter().map(|&v| v as f32).collect::<Vec<_>>()))
+                .map_err(|e| e.to_string())?
+                .into()
+        }
+        ConstantType::Int64 => {
+            Tensor::from_array((shape, constant.values.iter().map(|&v| v as i64).collect::<Vec<_>>()))
+                .map_err(|e| e.to_string())?
+                .into()
+        }
+        ConstantType::Bool => {
+            Tensor::from_array((shape, constant.values.iter().map(|&v| v != 0.0).collect::<Vec<_>>()))
+                .map_err(|e| e.to_string())?
+                .into()
+        }
+    };
+    Ok(value)
+}
+
+/// Builds the model inputs of `rows` records of zeros, and the constants.
+fn zero_inputs(
+    columns: &[ColumnInput],
+    constants: &[(String, ConstantConfig)],
+    rows: usize,
+) -> Result<Vec<(String, SessionInputValue<'static>)>, String> {
+    let mut inputs = Vec::new();
+    for input in columns {
+        let mut shape = vec![rows];
+        shape.extend_from_slice(&input.tensor.shape);
+        let len = shape.iter().product::<usize>();
+        let value: SessionInputValue<'static> = match input.tensor.element {
+            ElementType::Float32 => Tensor::from_array((shape, vec![0f32; len])).map_err(|e| e.to_string())?.into(),
+            ElementType::UInt8 => Tensor::from_array((shape, vec![0u8; len])).map_err(|e| e.to_string())?.into(),
+            ElementType::UInt16 => Tensor::from_array((shape, vec![0u16; len])).map_err(|e| e.to_string())?.into(),
+        };
+        inputs.push((input.input.clone(), value));
+    }
+    for (name, constant) in constants {
+        inputs.push((name.clone(), constant_value(constant)?));
+    }
+    Ok(inputs)
 }
 
 fn check_output_shape(
@@ -574,7 +641,12 @@ impl Stage for Infer {
     }
 
     fn provenance(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([(format!("stochflow.model.{}.sha256", self.name), self.model_sha256.clone())])
+        let mut provenance =
+            BTreeMap::from([(format!("stochflow.model.{}.sha256", self.name), self.model_sha256.clone())]);
+        if let Some(dropout) = &self.dropout {
+            provenance.insert(format!("stochflow.model.{}.mc_dropout", self.name), dropout.describe());
+        }
+        provenance
     }
 }
 

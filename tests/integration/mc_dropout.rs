@@ -1,0 +1,203 @@
+use crate::common::*;
+
+/// 2,000 latent records of 64 values in [1, 2] through the `dropout_pair`
+/// model (h = Dropout(x, 0.25), y = Dropout(h, 0.5)), `samples` copies each.
+fn pair_pipeline(seed: u64, settings: &str, samples: usize) -> String {
+    format!(
+        "seed: {seed}
+source: {{kind: latent, records: 2000, shape: [64], prior: {{kind: uniform, low: 1.0, high: 2.0}}, batch_size: 100}}
+stages:
+  - {{name: copies, kind: repeat, samples: {samples}}}
+  - name: mc
+    kind: infer
+    model: {model}
+    inputs: {{x: z}}
+{settings}
+sink: {{kind: arrow_file, path: unused.arrow}}
+",
+        model = yaml_path(&repo("fixtures/models/dropout_pair.onnx")),
+    )
+}
+
+const MC: &str = "    mc_dropout: true";
+
+/// Counts of the three outcomes of an element: dropped by the first node,
+/// kept by the first and dropped by the second, kept by both. Checks the
+/// values of kept elements on the way.
+fn outcomes(batches: &[arrow::array::RecordBatch]) -> [u64; 3] {
+    let (z, h, y) = (tensor_f32(batches, "z"), tensor_f32(batches, "h"), tensor_f32(batches, "y"));
+    let mut counts = [0u64; 3];
+    for ((&z, &h), &y) in z.iter().zip(&h).zip(&y) {
+        if h == 0.0 {
+            assert_eq!(y, 0.0, "an element dropped by the first node came back");
+            counts[0] += 1;
+        } else {
+            // A kept element is scaled by 1 / (1 - ratio), as Dropout in training mode does.
+            assert_eq!(h, z * (1.0f32 / 0.75), "a kept element of h is not x / 0.75");
+            if y == 0.0 {
+                counts[1] += 1;
+            } else {
+                assert_eq!(y, h * 2.0, "a kept element of y is not h / 0.5");
+                counts[2] += 1;
+            }
+        }
+    }
+    counts
+}
+
+#[test]
+fn mask_rates_match_the_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_ok(dir.path(), "rates", &pair_pipeline(3, MC, 1));
+    let counts = outcomes(&read_arrow(&output).1);
+    let total: u64 = counts.iter().sum();
+    assert_eq!(total, 2000 * 64);
+    // Expected fractions 0.25, 0.75 x 0.5 and 0.75 x 0.5. The chi-square
+    // statistic has 2 degrees of freedom; 13.82 is its 0.1 % critical value.
+    let expected = [0.25, 0.375, 0.375].map(|p| p * total as f64);
+    let chi_square: f64 =
+        counts.iter().zip(expected).map(|(&observed, expected)| (observed as f64 - expected).powi(2) / expected).sum();
+    assert!(chi_square < 13.82, "chi-square {chi_square} for counts {counts:?}, expected {expected:?}");
+
+    // Each record's mask is its own: the number of elements a record keeps
+    // in h is Binomial(64, 0.75), with variance 12; records sharing a mask
+    // would show a far larger spread.
+    let batches = read_arrow(&output).1;
+    let h = tensor_f32(&batches, "h");
+    let kept: Vec<f64> = h.chunks(64).map(|row| row.iter().filter(|&&v| v != 0.0).count() as f64).collect();
+    let (mean, std) = mean_std(&kept);
+    // Standard error of the mean: sqrt(12 / 2000) = 0.077; allow 5 of them.
+    assert!((mean - 48.0).abs() < 0.39, "mean kept per record {mean}");
+    // The std of 2,000 draws of a variance-12 count is 3.46, with a
+    // standard error of about 0.055.
+    assert!((std - 12f64.sqrt()).abs() < 0.2, "std of kept per record {std}");
+}
+
+#[test]
+fn masks_do_not_depend_on_batching() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hashes = Vec::new();
+    for (i, extra) in
+        ["    batch_size: 1\n    sessions: 1", "    batch_size: 64\n    sessions: 2", "    batch_size: 1000"]
+            .iter()
+            .enumerate()
+    {
+        let yaml = pair_pipeline(9, &format!("{MC}\n{extra}"), 3)
+            .replace("batch_size: 100}", &format!("batch_size: {}}}", [7, 100, 2000][i]));
+        let yaml = yaml.replace("sink:", &format!("runtime: {{workers: {}}}\nsink:", 1 + i % 2));
+        let output = run_ok(dir.path(), &format!("batching{i}"), &yaml);
+        hashes.push(sha256(&output));
+        if i == 0 {
+            let batches = read_arrow(&output).1;
+            let h = tensor_f32(&batches, "h");
+            // The three samples of a record get different masks.
+            let rows: Vec<&[f32]> = h.chunks(64).collect();
+            assert_eq!(rows.len(), 6000);
+            let differing =
+                (0..2000).filter(|r| rows[3 * r] != rows[3 * r + 1] && rows[3 * r + 1] != rows[3 * r + 2]).count();
+            assert!(differing > 1990, "only {differing} of 2000 records have three different masks");
+        }
+    }
+    assert!(hashes.iter().all(|hash| *hash == hashes[0]), "the output changed with batching: {hashes:?}");
+}
+
+#[test]
+fn seed_changes_the_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = read_arrow(&run_ok(dir.path(), "seed3", &pair_pipeline(3, MC, 1))).1;
+    let again = read_arrow(&run_ok(dir.path(), "seed3_again", &pair_pipeline(3, MC, 1))).1;
+    let other = read_arrow(&run_ok(dir.path(), "seed4", &pair_pipeline(4, MC, 1))).1;
+    assert_eq!(tensor_f32(&first, "h"), tensor_f32(&again, "h"), "the same seed gave other masks");
+    // The latent values change with the seed too, so compare the masks alone.
+    let mask = |batches: &[arrow::array::RecordBatch]| -> Vec<bool> {
+        tensor_f32(batches, "h").iter().map(|&v| v != 0.0).collect()
+    };
+    let (a, b) = (mask(&first), mask(&other));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    // Independent masks agree where both keep or both drop: 0.75^2 + 0.25^2.
+    assert!((same - 0.625).abs() < 0.01, "masks of two seeds agree on {same} of the elements");
+}
+
+#[test]
+fn dropout_is_identity_without_mc_dropout() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = read_arrow(&run_ok(dir.path(), "plain", &pair_pipeline(3, "", 1))).1;
+    let z = tensor_f32(&batches, "z");
+    assert_eq!(tensor_f32(&batches, "h"), z);
+    assert_eq!(tensor_f32(&batches, "y"), z);
+}
+
+#[test]
+fn output_records_the_masked_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (schema, _) = read_arrow(&run_ok(dir.path(), "provenance", &pair_pipeline(3, MC, 1)));
+    assert_eq!(
+        schema.metadata().get("stochflow.model.mc.mc_dropout").map(String::as_str),
+        Some("drop_in:0.25,drop_out:0.5")
+    );
+}
+
+#[test]
+fn digits_pipeline_spreads_uncertain_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("mc.arrow");
+    let outcome = stochflow(&[
+        "run",
+        repo("pipelines/digits_mc_dropout.yaml").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("WARN"), "the run logged warnings:\n{}", outcome.stderr);
+
+    let batches = read_arrow(&output).1;
+    assert_eq!(rows(&batches), 450);
+    let labels = int64(&batches, "label");
+    let votes = int32(&batches, "class_vote");
+    let correct: Vec<bool> = labels.iter().zip(&votes).map(|(&l, &v)| l == i64::from(v)).collect();
+    let accuracy = correct.iter().filter(|&&c| c).count() as f64 / 450.0;
+    assert!(accuracy > 0.95, "accuracy of the vote {accuracy}");
+
+    let information: Vec<f32> = batches
+        .iter()
+        .flat_map(|batch| {
+            use arrow::array::AsArray;
+            let column = batch.column_by_name("mutual_information").unwrap();
+            column.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()
+        })
+        .collect();
+    let mean_of = |wanted: bool| {
+        let values: Vec<f64> =
+            information.iter().zip(&correct).filter(|(_, c)| **c == wanted).map(|(&v, _)| f64::from(v)).collect();
+        values.iter().sum::<f64>() / values.len() as f64
+    };
+    // Wrong votes come with more disagreement between the dropout masks.
+    assert!(
+        mean_of(false) > 3.0 * mean_of(true),
+        "mutual information: wrong {}, right {}",
+        mean_of(false),
+        mean_of(true)
+    );
+    let spread = tensor_f32(&batches, "logits_std");
+    assert!(spread.iter().all(|&s| s > 0.0), "a digit's 30 copies gave equal logits");
+}
+
+#[test]
+fn model_without_dropout_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pair_pipeline(3, MC, 1)
+        .replace("dropout_pair.onnx", "scale_shift.onnx")
+        .replace("shape: [64]", "shape: [4]")
+        .replace("{x: z}", "{x: z}\n    constants: {scale: {values: [1.0]}, shift: {values: [0], dtype: int64}}");
+    let line = yaml.lines().position(|line| line.contains("mc_dropout")).unwrap() + 1;
+    let pipeline = write_pipeline(dir.path(), "no_dropout.yaml", &yaml);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(&format!(
+            ":{line}:5: stages[1].mc_dropout: the model has no Dropout nodes, so there is no dropout to keep active"
+        )),
+        "{}",
+        outcome.stderr
+    );
+}
