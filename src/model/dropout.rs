@@ -56,10 +56,16 @@ pub struct DropoutNode {
     /// The optional mask output, when the node names one.
     pub mask_output: Option<String>,
     pub ratio: Ratio,
+    /// Whether the node's `training_mode` input is a constant true, so
+    /// that ONNX Runtime drops elements with its own generator.
+    pub training: bool,
 }
 
-/// Lists the Dropout nodes of a graph in node order.
+/// Lists the Dropout nodes of a graph in node order. An unnamed node is
+/// called `dropout` followed by its index among the graph's nodes, made
+/// unique with underscores.
 pub fn dropout_nodes(graph: &GraphProto) -> Vec<DropoutNode> {
+    let mut names: HashSet<String> = graph.node.iter().filter_map(|node| node.name.clone()).collect();
     let initializers: HashMap<&str, &TensorProto> =
         graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
     let constants: HashMap<&str, &NodeProto> = graph
@@ -76,51 +82,102 @@ pub fn dropout_nodes(graph: &GraphProto) -> Vec<DropoutNode> {
         .map(|(index, node)| {
             // Before opset 12 the ratio is an attribute; from 12 on, an optional input.
             let attribute = node.attribute.iter().find(|a| a.name.as_deref() == Some("ratio")).and_then(|a| a.f);
+            let constant = |name: &str| {
+                initializers.get(name).copied().or_else(|| constants.get(name).and_then(|node| constant_tensor(node)))
+            };
             let ratio = match (attribute, node.input.get(1).filter(|name| !name.is_empty())) {
                 (Some(ratio), _) => Ratio::Value(ratio),
                 (None, None) => Ratio::Default,
-                (None, Some(name)) => initializers
-                    .get(name.as_str())
-                    .and_then(|tensor| scalar_f32(tensor))
-                    .or_else(|| constants.get(name.as_str()).and_then(|node| constant_f32(node)))
+                (None, Some(name)) => constant(name)
+                    .and_then(scalar_f32)
+                    .or_else(|| constants.get(name.as_str()).and_then(|node| constant_float(node)))
                     .map_or_else(|| Ratio::Computed(name.clone()), Ratio::Value),
             };
+            let training = node
+                .input
+                .get(2)
+                .filter(|name| !name.is_empty())
+                .and_then(|name| constant(name))
+                .and_then(scalar_bool)
+                .unwrap_or(false);
+            let name = match node.name.clone().filter(|name| !name.is_empty()) {
+                Some(name) => name,
+                None => {
+                    let mut name = format!("dropout{index}");
+                    while names.contains(&name) {
+                        name.push('_');
+                    }
+                    names.insert(name.clone());
+                    name
+                }
+            };
             DropoutNode {
-                name: node.name.clone().filter(|name| !name.is_empty()).unwrap_or_else(|| format!("dropout{index}")),
+                name,
                 input: node.input.first().cloned().unwrap_or_default(),
                 output: node.output.first().cloned().unwrap_or_default(),
                 mask_output: node.output.get(1).filter(|name| !name.is_empty()).cloned(),
                 ratio,
+                training,
             }
         })
         .collect()
 }
 
-/// Reads a float32 scalar tensor.
-pub fn scalar_f32(tensor: &TensorProto) -> Option<f32> {
-    if tensor.data_type != Some(1) || tensor.dims.iter().product::<i64>() != 1 {
-        return None;
-    }
-    if let Some(&value) = tensor.float_data.first() {
-        return Some(value);
-    }
-    let raw = tensor.raw_data.as_deref()?;
-    Some(f32::from_le_bytes(raw.get(..4)?.try_into().ok()?))
+/// Returns the name of the first Dropout node that runs in training mode,
+/// if the model has one. Models without the word "Dropout" in their bytes
+/// are not decoded.
+pub fn training_node(bytes: &[u8]) -> Option<String> {
+    bytes.windows(7).any(|window| window == b"Dropout").then_some(())?;
+    let model = super::proto::decode(bytes).ok()?;
+    dropout_nodes(model.graph.as_ref()?).into_iter().find(|node| node.training).map(|node| node.name)
 }
 
-/// Reads the float32 scalar of a Constant node.
-fn constant_f32(node: &NodeProto) -> Option<f32> {
-    let value = |name: &str| node.attribute.iter().find(|a| a.name.as_deref() == Some(name));
-    if let Some(tensor) = value("value").and_then(|a| a.t.as_ref()) {
-        return scalar_f32(tensor);
+/// Reads a float32 or float64 scalar tensor as float32.
+pub fn scalar_f32(tensor: &TensorProto) -> Option<f32> {
+    if tensor.dims.iter().product::<i64>() != 1 {
+        return None;
     }
-    value("value_float").and_then(|a| a.f)
+    let raw = tensor.raw_data.as_deref();
+    match tensor.data_type? {
+        1 => tensor.float_data.first().copied().or_else(|| Some(f32::from_le_bytes(raw?.get(..4)?.try_into().ok()?))),
+        11 => tensor
+            .double_data
+            .first()
+            .copied()
+            .or_else(|| Some(f64::from_le_bytes(raw?.get(..8)?.try_into().ok()?)))
+            .map(|value| value as f32),
+        _ => None,
+    }
+}
+
+/// Reads a bool scalar tensor.
+fn scalar_bool(tensor: &TensorProto) -> Option<bool> {
+    if tensor.data_type != Some(9) || tensor.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    let value = match tensor.int32_data.first() {
+        Some(&value) => value,
+        None => i32::from(*tensor.raw_data.as_deref()?.first()?),
+    };
+    Some(value != 0)
+}
+
+/// Returns the tensor of a Constant node given by its `value` attribute.
+fn constant_tensor(node: &NodeProto) -> Option<&TensorProto> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some("value")).and_then(|a| a.t.as_ref())
+}
+
+/// Reads the `value_float` attribute of a Constant node.
+fn constant_float(node: &NodeProto) -> Option<f32> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some("value_float")).and_then(|a| a.f)
 }
 
 /// A Dropout node rewritten into a multiplication by a mask input.
 #[derive(Clone, Debug)]
 pub struct MaskSite {
     pub node: String,
+    /// The name of the `Mul` node that replaces it.
+    pub mul: String,
     /// The tensor the mask multiplies.
     pub input: String,
     pub output: String,
@@ -130,8 +187,10 @@ pub struct MaskSite {
 }
 
 /// Finds the Dropout nodes that Monte Carlo dropout rewrites, or returns
-/// why the model cannot have its dropout kept active.
-pub fn mask_sites(model: &ModelProto) -> Result<Vec<MaskSite>, String> {
+/// why the model cannot have its dropout kept active. `known` gives the
+/// values of model inputs that the pipeline feeds a constant scalar, which
+/// a ratio may come from.
+pub fn mask_sites(model: &ModelProto, known: &HashMap<String, f32>) -> Result<Vec<MaskSite>, String> {
     let graph = model.graph.clone().unwrap_or_default();
     let nodes = dropout_nodes(&graph);
     if nodes.is_empty() {
@@ -144,16 +203,21 @@ pub fn mask_sites(model: &ModelProto) -> Result<Vec<MaskSite>, String> {
     let mut names: HashSet<String> = graph.input.iter().filter_map(|input| input.name.clone()).collect();
     names.extend(graph.node.iter().flat_map(|node| node.output.iter().cloned()));
     names.extend(graph.initializer.iter().filter_map(|tensor| tensor.name.clone()));
+    let mut node_names: HashSet<String> = graph.node.iter().filter_map(|node| node.name.clone()).collect();
 
     let mut sites = Vec::new();
     for node in nodes {
         if let Some(mask) = node.mask_output.as_deref().filter(|mask| used.contains(mask)) {
             return Err(format!(
-                "Dropout node {:?} has its mask output {mask:?} used by the model; stochflow draws the masks itself and cannot keep active a Dropout whose mask is read",
+                "Dropout node {:?} has its mask output {mask:?} read by another node or listed as a model output; the rewritten node has no mask output, so export the model without that use of the mask",
                 node.name
             ));
         }
-        let ratio = match node.ratio.value() {
+        let ratio = match &node.ratio {
+            Ratio::Computed(tensor) => known.get(tensor).copied().map_or(node.ratio.value(), Some),
+            other => other.value(),
+        };
+        let ratio = match ratio {
             Some(ratio) if (0.0..1.0).contains(&ratio) => ratio,
             Some(ratio) => {
                 return Err(format!("Dropout node {:?} has ratio {ratio}; a ratio must be in [0, 1)", node.name));
@@ -161,7 +225,7 @@ pub fn mask_sites(model: &ModelProto) -> Result<Vec<MaskSite>, String> {
             None => {
                 let Ratio::Computed(tensor) = &node.ratio else { unreachable!("only a computed ratio has no value") };
                 return Err(format!(
-                    "Dropout node {:?} takes its ratio from {tensor:?}, which the model computes; stochflow needs a constant ratio (an attribute, an initializer or a Constant node)",
+                    "Dropout node {:?} takes its ratio from {tensor:?}, which is not a float scalar known before the model runs; give the ratio as an attribute, an initializer, a Constant node, or a model input fed by a one-value entry under `constants`",
                     node.name
                 ));
             }
@@ -171,7 +235,12 @@ pub fn mask_sites(model: &ModelProto) -> Result<Vec<MaskSite>, String> {
             mask.push('_');
         }
         names.insert(mask.clone());
-        sites.push(MaskSite { node: node.name, input: node.input, output: node.output, mask, ratio });
+        let mut mul = format!("{}.mask", node.name);
+        while node_names.contains(&mul) {
+            mul.push('_');
+        }
+        node_names.insert(mul.clone());
+        sites.push(MaskSite { node: node.name, mul, input: node.input, output: node.output, mask, ratio });
     }
     Ok(sites)
 }
@@ -194,10 +263,14 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
         // Tensors read by the replaced nodes' other inputs and by nothing else.
         let mut unused: HashSet<String> = HashSet::new();
         let mut kept_reads: HashSet<String> = HashSet::new();
+        let mut subgraphs = false;
+        let mut initialized: HashSet<String> = HashSet::new();
         for field in fields(graph)? {
             match (field.number, field.payload) {
                 (1, Some(payload)) => {
                     let node = NodeProto::decode(payload).map_err(node_error)?;
+                    subgraphs |= matches!(node.op_type.as_deref(), Some("If" | "Loop" | "Scan"))
+                        || node.attribute.iter().any(|attribute| matches!(attribute.r#type, Some(5 | 10)));
                     if is_site(&node) {
                         unused.extend(node.input.iter().skip(1).filter(|name| !name.is_empty()).cloned());
                     } else {
@@ -207,10 +280,15 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                 (12, Some(payload)) => {
                     kept_reads.extend(Named::decode(payload).map_err(node_error)?.name);
                 }
+                (5, Some(payload)) => initialized.extend(named_tensor(payload)),
                 _ => {}
             }
         }
         unused.retain(|name| !kept_reads.contains(name));
+        // A subgraph may read any tensor of the main graph by name.
+        if subgraphs {
+            unused.clear();
+        }
 
         for field in fields(graph)? {
             let named = |payload: &[u8]| Named::decode(payload).map(|named| named.name).unwrap_or_default();
@@ -226,7 +304,7 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                         let mul = NodeProto {
                             input: vec![site.input.clone(), site.mask.clone()],
                             output: vec![site.output.clone()],
-                            name: Some(format!("{}.mask", site.node)),
+                            name: Some(site.mul.clone()),
                             op_type: Some(String::from("Mul")),
                             attribute: Vec::<AttributeProto>::new(),
                         };
@@ -240,9 +318,11 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                         out.extend_from_slice(field.raw);
                     }
                 }
-                // Initializers (5) and graph inputs (11) of removed ratios.
+                // Initializers (5) of removed ratios, and graph inputs (11) that name them.
                 (5, Some(payload)) if named_tensor(payload).is_some_and(|name| unused.contains(&name)) => {}
-                (11, Some(payload)) if named(payload).is_some_and(|name| unused.contains(&name)) => {}
+                // A graph input without an initializer is fed by the pipeline.
+                (11, Some(payload))
+                    if named(payload).is_some_and(|name| unused.contains(&name) && initialized.contains(&name)) => {}
                 _ => out.extend_from_slice(field.raw),
             }
         }
@@ -418,7 +498,7 @@ mod tests {
     fn masked_model_keeps_other_fields() {
         let bytes = fixture("mlp_digits.onnx");
         let model = super::super::proto::decode(&bytes).unwrap();
-        let sites = mask_sites(&model).unwrap();
+        let sites = mask_sites(&model, &HashMap::new()).unwrap();
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].mask, "stochflow.dropout_mask.dropout1");
         assert_eq!(sites[0].ratio, 0.2);
@@ -444,7 +524,7 @@ mod tests {
     #[test]
     fn model_without_dropout_is_rejected() {
         let model = super::super::proto::decode(&fixture("conv_photos.onnx")).unwrap();
-        let error = mask_sites(&model).unwrap_err();
+        let error = mask_sites(&model, &HashMap::new()).unwrap_err();
         assert!(error.starts_with("the model has no Dropout nodes"), "{error}");
     }
 

@@ -65,6 +65,9 @@ pub struct AttributeProto {
     pub i: Option<i64>,
     #[prost(message, optional, tag = "5")]
     pub t: Option<TensorProto>,
+    /// `AttributeType`: 5 is a graph, 10 a list of graphs.
+    #[prost(int32, optional, tag = "20")]
+    pub r#type: Option<i32>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -75,10 +78,15 @@ pub struct TensorProto {
     pub data_type: Option<i32>,
     #[prost(float, repeated, tag = "4")]
     pub float_data: Vec<f32>,
+    /// Also holds bool, int8, int16 and float16 values.
+    #[prost(int32, repeated, tag = "5")]
+    pub int32_data: Vec<i32>,
     #[prost(string, optional, tag = "8")]
     pub name: Option<String>,
     #[prost(bytes = "vec", optional, tag = "9")]
     pub raw_data: Option<Vec<u8>>,
+    #[prost(double, repeated, tag = "10")]
+    pub double_data: Vec<f64>,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -133,7 +133,7 @@ fn output_records_the_masked_nodes() {
     let (schema, _) = read_arrow(&run_ok(dir.path(), "provenance", &pair_pipeline(3, MC, 1)));
     assert_eq!(
         schema.metadata().get("stochflow.model.mc.mc_dropout").map(String::as_str),
-        Some("drop_in:0.25,drop_out:0.5")
+        Some(r#"{"drop_in":0.25,"drop_out":0.5}"#)
     );
 }
 
@@ -200,4 +200,228 @@ fn model_without_dropout_is_rejected() {
         "{}",
         outcome.stderr
     );
+}
+
+/// Small models built in the tests, for cases the fixtures do not cover.
+mod built {
+    use prost::Message;
+    use stochflow::model::proto::{
+        Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+        TensorTypeProto, TypeProto, ValueInfoProto,
+    };
+
+    /// Builds a float32 tensor description; `None` is the batch dimension `N`.
+    pub fn value(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+        let dim = dims
+            .iter()
+            .map(|&size| match size {
+                Some(size) => Dimension { dim_value: Some(size), dim_param: None },
+                None => Dimension { dim_value: None, dim_param: Some(String::from("N")) },
+            })
+            .collect();
+        ValueInfoProto {
+            name: Some(name.to_string()),
+            r#type: Some(TypeProto {
+                tensor_type: Some(TensorTypeProto { elem_type: Some(1), shape: Some(TensorShapeProto { dim }) }),
+            }),
+        }
+    }
+
+    pub fn node(op: &str, inputs: &[&str], outputs: &[&str], name: Option<&str>) -> NodeProto {
+        NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            name: name.map(String::from),
+            op_type: Some(op.to_string()),
+            attribute: Vec::new(),
+        }
+    }
+
+    pub fn float_scalar(name: &str, value: f32) -> TensorProto {
+        TensorProto { data_type: Some(1), float_data: vec![value], name: Some(name.to_string()), ..Default::default() }
+    }
+
+    pub fn bool_scalar(name: &str, value: bool) -> TensorProto {
+        TensorProto {
+            data_type: Some(9),
+            int32_data: vec![i32::from(value)],
+            name: Some(name.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Writes an opset 17 model to `path`.
+    pub fn write(
+        path: &std::path::Path,
+        nodes: Vec<NodeProto>,
+        inputs: Vec<ValueInfoProto>,
+        outputs: Vec<ValueInfoProto>,
+        initializers: Vec<TensorProto>,
+    ) {
+        let model = ModelProto {
+            ir_version: Some(8),
+            producer_name: Some(String::from("stochflow-tests")),
+            producer_version: None,
+            graph: Some(GraphProto {
+                node: nodes,
+                name: Some(String::from("test")),
+                initializer: initializers,
+                input: inputs,
+                output: outputs,
+            }),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        };
+        std::fs::write(path, model.encode_to_vec()).unwrap();
+    }
+}
+
+/// Returns a pipeline of 200 latent records of `width` values in [1, 2]
+/// through `model`, with `settings` on the `infer` stage.
+fn built_pipeline(model: &std::path::Path, width: usize, settings: &str) -> String {
+    format!(
+        "seed: 5
+source: {{kind: latent, records: 200, shape: [{width}], prior: {{kind: uniform, low: 1.0, high: 2.0}}}}
+stages:
+  - name: mc
+    kind: infer
+    model: {model}
+    inputs: {{x: z}}
+{settings}
+sink: {{kind: arrow_file, path: unused.arrow}}
+",
+        model = yaml_path(model),
+    )
+}
+
+/// Returns the fraction of zeros in the `y` column.
+fn zero_fraction(batches: &[arrow::array::RecordBatch]) -> f64 {
+    let y = tensor_f32(batches, "y");
+    y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64
+}
+
+#[test]
+fn transposed_dropout_input_is_rejected() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    // x [N, 2] is transposed to [2, N], whose first dimension equals the
+    // batch for 2 records only.
+    let model = dir.path().join("transposed.onnx");
+    write(
+        &model,
+        vec![
+            node("Transpose", &["x"], &["t"], Some("to_columns")),
+            node("Dropout", &["t", "r"], &["d"], Some("drop")),
+            node("Transpose", &["d"], &["y"], Some("to_rows")),
+        ],
+        vec![value("x", &[None, Some(2)])],
+        vec![value("y", &[None, Some(2)])],
+        vec![float_scalar("r", 0.3)],
+    );
+    let pipeline = write_pipeline(dir.path(), "transposed.yaml", &built_pipeline(&model, 2, MC));
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("stages[0].mc_dropout: Dropout node \"drop\" drops elements of \"t\", whose first dimension is not the batch"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn fixed_batch_of_one_runs() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("single.onnx");
+    write(
+        &model,
+        vec![node("Dropout", &["x", "r"], &["y"], Some("drop"))],
+        vec![value("x", &[Some(1), Some(16)])],
+        vec![value("y", &[Some(1), Some(16)])],
+        vec![float_scalar("r", 0.5)],
+    );
+    let output = run_ok(dir.path(), "single", &built_pipeline(&model, 16, MC));
+    // 3,200 elements: the standard error of the fraction is 0.0088.
+    let zeros = zero_fraction(&read_arrow(&output).1);
+    assert!((zeros - 0.5).abs() < 0.045, "{zeros} of the elements dropped at ratio 0.5");
+
+    // A record's 3 samples reach the stage together and run one at a time.
+    let fanned = built_pipeline(&model, 16, MC).replace("stages:\n", "stages:\n  - {kind: repeat, samples: 3}\n");
+    let (outcome, output) = run_yaml(dir.path(), "single_fanned", &fanned);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("WARN"), "the run logged warnings:\n{}", outcome.stderr);
+    assert_eq!(rows(&read_arrow(&output).1), 600);
+}
+
+#[test]
+fn training_mode_needs_mc_dropout() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("training.onnx");
+    write(
+        &model,
+        vec![node("Dropout", &["x", "r", "training"], &["y"], Some("drop"))],
+        vec![value("x", &[None, Some(16)])],
+        vec![value("y", &[None, Some(16)])],
+        vec![float_scalar("r", 0.5), bool_scalar("training", true)],
+    );
+    let pipeline = write_pipeline(dir.path(), "training.yaml", &built_pipeline(&model, 16, ""));
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("stages[0].model: Dropout node \"drop\" runs in training mode"),
+        "{}",
+        outcome.stderr
+    );
+
+    let first = run_ok(dir.path(), "training_mc", &built_pipeline(&model, 16, MC));
+    let again = run_ok(dir.path(), "training_mc_again", &built_pipeline(&model, 16, MC));
+    assert_eq!(sha256(&first), sha256(&again), "the masks are drawn from the seed");
+    let zeros = zero_fraction(&read_arrow(&first).1);
+    assert!((zeros - 0.5).abs() < 0.045, "{zeros} of the elements dropped at ratio 0.5");
+}
+
+#[test]
+fn unnamed_node_gets_a_free_name() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    // The unnamed Dropout is node 2, and `dropout2` is taken.
+    let model = dir.path().join("names.onnx");
+    write(
+        &model,
+        vec![
+            node("Dropout", &["x", "r"], &["a"], Some("dropout2")),
+            node("Identity", &["a"], &["b"], Some("copy")),
+            node("Dropout", &["b", "r"], &["y"], None),
+        ],
+        vec![value("x", &[None, Some(16)])],
+        vec![value("y", &[None, Some(16)])],
+        vec![float_scalar("r", 0.25)],
+    );
+    let output = run_ok(dir.path(), "names", &built_pipeline(&model, 16, MC));
+    let (schema, batches) = read_arrow(&output);
+    assert_eq!(
+        schema.metadata().get("stochflow.model.mc.mc_dropout").map(String::as_str),
+        Some(r#"{"dropout2":0.25,"dropout2_":0.25}"#)
+    );
+    // Two nodes at 0.25 keep 0.75 x 0.75 of the elements; 3,200 elements.
+    let zeros = zero_fraction(&batches);
+    assert!((zeros - 0.4375).abs() < 0.045, "{zeros} of the elements dropped");
+}
+
+#[test]
+fn ratio_from_a_constant_input() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("ratio_input.onnx");
+    write(
+        &model,
+        vec![node("Dropout", &["x", "r"], &["y"], Some("drop"))],
+        vec![value("x", &[None, Some(16)]), value("r", &[])],
+        vec![value("y", &[None, Some(16)])],
+        Vec::new(),
+    );
+    let settings = format!("{MC}\n    constants: {{r: {{values: [0.8], shape: []}}}}");
+    let output = run_ok(dir.path(), "ratio_input", &built_pipeline(&model, 16, &settings));
+    let zeros = zero_fraction(&read_arrow(&output).1);
+    assert!((zeros - 0.8).abs() < 0.036, "{zeros} of the elements dropped at ratio 0.8");
 }

@@ -7,7 +7,7 @@
 //! record's masks do not depend on its batch, and the samples of a fan-out
 //! get independent masks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::RecordBatch;
 use ort::session::SessionInputValue;
@@ -46,21 +46,34 @@ pub struct MaskedModel {
     pub masks: DropoutMasks,
 }
 
+/// The settings of [`mask_model`] that come from the stage's plan.
+pub struct MaskPlan<'a> {
+    pub threads: usize,
+    pub rng: StageRng,
+    pub key_column: &'a str,
+    /// Per-record shapes of the model inputs fed by columns.
+    pub graph_inputs: BTreeMap<String, Vec<usize>>,
+    /// Values of the model inputs fed a one-value constant.
+    pub known: HashMap<String, f32>,
+    /// Whether the model fixes its batch dimension to 1.
+    pub batch_of_one: bool,
+}
+
 /// Rewrites `model` so that its Dropout nodes multiply by masks that the
-/// stage feeds. The per-record shape of each dropped tensor comes from a
-/// run of the model on two records of zeros (`probe_inputs` builds them
-/// for a batch size), with the tensors added as outputs.
+/// stage feeds. The per-record shape of each dropped tensor comes from runs
+/// of the model on records of zeros (`probe_inputs` builds them for a
+/// number of records), with the tensors added as outputs. Two runs, on 2
+/// and 3 records, tell the batch dimension from a dimension that happens to
+/// equal the number of records.
 pub fn mask_model(
     model: &ModelFile,
-    threads: usize,
-    rng: StageRng,
-    key_column: &str,
-    graph_inputs: &BTreeMap<String, Vec<usize>>,
+    plan: MaskPlan<'_>,
     probe_inputs: impl Fn(usize) -> Result<Vec<(String, SessionInputValue<'static>)>, String>,
 ) -> Result<MaskedModel, String> {
+    let MaskPlan { threads, rng, key_column, graph_inputs, known, batch_of_one } = plan;
     let proto =
         crate::model::proto::decode(&model.bytes).map_err(|err| format!("cannot read the model's graph: {err}"))?;
-    let sites = dropout::mask_sites(&proto)?;
+    let sites = dropout::mask_sites(&proto, &known)?;
     let outputs: Vec<String> =
         proto.graph.as_ref().map(|g| g.output.iter().filter_map(|o| o.name.clone()).collect()).unwrap_or_default();
     let mut probed: Vec<String> = Vec::new();
@@ -74,22 +87,32 @@ pub fn mask_model(
         bytes: dropout::with_outputs(&model.bytes, &probed)?,
         sha256: model.sha256.clone(),
     };
-    let mut session = probe.session(threads).map_err(|err| err.to_string())?;
-    const PROBE_ROWS: usize = 2;
-    let results = session.run(probe_inputs(PROBE_ROWS)?).map_err(|err| {
+    let mut session = probe.session(threads).map_err(|err| {
         format!(
-            "running the model on {PROBE_ROWS} records of zeros to find the shapes of its Dropout inputs failed: {err}"
+            "the model with its Dropout inputs read out to find their shapes cannot be loaded, which happens when a Dropout input is not a float32 tensor (Monte Carlo dropout supports float32 only). ONNX Runtime reports: {err}"
         )
     })?;
-    let mut shapes = Vec::new();
-    for site in &sites {
-        let shape = match graph_inputs.get(&site.input) {
-            Some(shape) => shape.clone(),
-            None => per_record_shape(site, &results[site.input.as_str()], PROBE_ROWS)?,
-        };
-        shapes.push(shape);
+    let probe_rows: &[usize] = if batch_of_one { &[1] } else { &[2, 3] };
+    let mut shapes: Vec<Option<Vec<usize>>> = vec![None; sites.len()];
+    for &rows in probe_rows {
+        let results = session.run(probe_inputs(rows)?).map_err(|err| {
+            format!(
+                "running the model on {rows} records of zeros to find the shapes of its Dropout inputs failed: {err}"
+            )
+        })?;
+        for (site, found) in sites.iter().zip(shapes.iter_mut()) {
+            let shape = match graph_inputs.get(&site.input) {
+                Some(shape) => shape.clone(),
+                None => per_record_shape(site, &results[site.input.as_str()], rows)?,
+            };
+            if let Some(earlier) = found.as_ref().filter(|earlier| **earlier != shape) {
+                let change = format!("after the first dimension it is {earlier:?} for 2 records and {shape:?} for 3");
+                return Err(not_batch_first(site, &change));
+            }
+            *found = Some(shape);
+        }
     }
-    drop(results);
+    let shapes: Vec<Vec<usize>> = shapes.into_iter().map(Option::unwrap_or_default).collect();
     drop(session);
 
     let masked = ModelFile {
@@ -127,11 +150,17 @@ fn per_record_shape(site: &MaskSite, value: &ort::value::DynValue, rows: usize) 
     let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     match dims.split_first() {
         Some((&first, rest)) if first == rows => Ok(rest.to_vec()),
-        _ => Err(format!(
-            "Dropout node {:?} drops elements of {:?}, whose shape {dims:?} for {rows} records does not start with the batch; Monte Carlo dropout needs the batch as the first dimension",
-            site.node, site.input
-        )),
+        _ => Err(not_batch_first(site, &format!("its shape for {rows} records is {dims:?}"))),
     }
+}
+
+/// Words the problem of a dropped tensor whose first dimension is not the
+/// batch.
+fn not_batch_first(site: &MaskSite, found: &str) -> String {
+    format!(
+        "Dropout node {:?} drops elements of {:?}, whose first dimension is not the batch: {found}. Monte Carlo dropout draws one mask per record, so it needs the batch as the first dimension",
+        site.node, site.input
+    )
 }
 
 impl DropoutMasks {
@@ -165,9 +194,18 @@ impl DropoutMasks {
             .collect()
     }
 
-    /// Describes the masked nodes for the output's metadata, as
-    /// `name:ratio` pairs in node order.
+    /// Describes the masked nodes for the output's metadata, as a JSON
+    /// object from node name to ratio.
     pub fn describe(&self) -> String {
-        self.masks.iter().map(|mask| format!("{}:{}", mask.node, mask.ratio)).collect::<Vec<_>>().join(",")
+        let nodes: serde_json::Map<String, serde_json::Value> = self
+            .masks
+            .iter()
+            .map(|mask| {
+                // The ratio's shortest decimal form, such as 0.2 rather than 0.20000000298.
+                let ratio: f64 = mask.ratio.to_string().parse().unwrap_or(f64::from(mask.ratio));
+                (mask.node.clone(), serde_json::Value::from(ratio))
+            })
+            .collect();
+        serde_json::Value::Object(nodes).to_string()
     }
 }

@@ -65,6 +65,10 @@ pub struct Infer {
     key_column: String,
     schema: SchemaRef,
     dropout: Option<dropout::DropoutMasks>,
+    /// Whether the model fixes its batch dimension to 1. A batch can still
+    /// hold several rows, when a record's samples stay together, and those
+    /// run one at a time.
+    batch_of_one: bool,
 }
 
 /// Sessions shared by the worker threads; each run takes one for itself.
@@ -135,12 +139,24 @@ impl Infer {
     pub fn plan(config: &InferConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
         let name = config.name.clone().unwrap_or_else(|| String::from("infer"));
         let model = ModelFile::read(&config.model).map_err(|err| vec![context.problem("model", err.to_string())])?;
+        if !config.mc_dropout
+            && let Some(node) = crate::model::dropout::training_node(&model.bytes)
+        {
+            return Err(vec![context.problem(
+                "model",
+                format!(
+                    "Dropout node {node:?} runs in training mode (its training_mode input is true), so ONNX Runtime would drop elements with its own random generator and the output could not be reproduced; set `mc_dropout: true` to draw the masks from the pipeline's seed, or export the model in inference mode"
+                ),
+            )]);
+        }
         let (session_count, threads) = config.parallelism();
         let first = model.session(threads).map_err(|err| vec![context.problem("model", err.to_string())])?;
         let signature = Signature::of(&first);
 
         let mut problems = Vec::new();
         let mut batch_size = config.batch_size;
+        // Whether a column-fed input has its batch dimension fixed to 1.
+        let mut batch_of_one = false;
         let mut columns = Vec::new();
         for input in &signature.inputs {
             let fed_by_column = config.inputs.get(&input.name);
@@ -160,6 +176,7 @@ impl Infer {
                         Ok((tensor, batch_limit)) => {
                             if let Some(limit) = batch_limit {
                                 batch_size = batch_size.min(limit);
+                                batch_of_one = true;
                             }
                             columns.push(ColumnInput { input: input.name.clone(), column: column.clone(), tensor });
                         }
@@ -228,18 +245,21 @@ impl Infer {
             config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let (model, first, masks) = if config.mc_dropout {
             drop(first);
-            let graph_inputs: BTreeMap<String, Vec<usize>> =
-                columns.iter().map(|input| (input.input.clone(), input.tensor.shape.clone())).collect();
-            let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
-            let masked = dropout::mask_model(
-                &model,
+            let plan = dropout::MaskPlan {
                 threads,
-                StageRng::new(context.seed, &name),
-                context.key_column,
-                &graph_inputs,
-                probe,
-            )
-            .map_err(|message| vec![context.problem("mc_dropout", message)])?;
+                rng: StageRng::new(context.seed, &name),
+                key_column: context.key_column,
+                graph_inputs: columns.iter().map(|input| (input.input.clone(), input.tensor.shape.clone())).collect(),
+                known: constants
+                    .iter()
+                    .filter(|(_, constant)| constant.values.len() == 1)
+                    .map(|(input, constant)| (input.clone(), constant.values[0] as f32))
+                    .collect(),
+                batch_of_one,
+            };
+            let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
+            let masked = dropout::mask_model(&model, plan, probe)
+                .map_err(|message| vec![context.problem("mc_dropout", message)])?;
             (masked.model, None, Some(masked.masks))
         } else {
             (model, Some(first), None)
@@ -271,6 +291,7 @@ impl Infer {
             key_column: context.key_column.to_string(),
             schema: schema.clone(),
             dropout: masks,
+            batch_of_one,
         };
         Ok((Box::new(stage), schema))
     }
@@ -627,6 +648,9 @@ impl Stage for Infer {
             return Ok(batch);
         }
 
+        if self.batch_of_one && batch.data.num_rows() > 1 {
+            return self.process_one_by_one(batch);
+        }
         let whole = self.pool.run(|session| self.run(session, &batch.data));
         match whole {
             Ok(outputs) => {
