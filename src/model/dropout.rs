@@ -59,6 +59,8 @@ pub struct DropoutNode {
     /// Whether the node's `training_mode` input is a constant true, so
     /// that ONNX Runtime drops elements with its own generator.
     pub training: bool,
+    /// The tensor of the `training_mode` input, when the node has one.
+    pub training_input: Option<String>,
 }
 
 /// Lists the Dropout nodes of a graph in node order. An unnamed node is
@@ -118,18 +120,23 @@ pub fn dropout_nodes(graph: &GraphProto) -> Vec<DropoutNode> {
                 mask_output: node.output.get(1).filter(|name| !name.is_empty()).cloned(),
                 ratio,
                 training,
+                training_input: node.input.get(2).filter(|name| !name.is_empty()).cloned(),
             }
         })
         .collect()
 }
 
 /// Returns the name of the first Dropout node that runs in training mode,
-/// if the model has one. Models without the word "Dropout" in their bytes
-/// are not decoded.
-pub fn training_node(bytes: &[u8]) -> Option<String> {
+/// if the model has one: its `training_mode` is a constant true in the
+/// model, or a model input that `known` gives a nonzero value. Models
+/// without the word "Dropout" in their bytes are not decoded.
+pub fn training_node(bytes: &[u8], known: &HashMap<String, f32>) -> Option<String> {
     bytes.windows(7).any(|window| window == b"Dropout").then_some(())?;
     let model = super::proto::decode(bytes).ok()?;
-    dropout_nodes(model.graph.as_ref()?).into_iter().find(|node| node.training).map(|node| node.name)
+    let fed_true = |node: &DropoutNode| {
+        node.training_input.as_ref().and_then(|input| known.get(input)).is_some_and(|&value| value != 0.0)
+    };
+    dropout_nodes(model.graph.as_ref()?).into_iter().find(|node| node.training || fed_true(node)).map(|node| node.name)
 }
 
 /// Reads a float32 or float64 scalar tensor as float32.

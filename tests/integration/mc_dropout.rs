@@ -227,6 +227,13 @@ mod built {
         }
     }
 
+    /// Builds a bool scalar description.
+    pub fn bool_value(name: &str) -> ValueInfoProto {
+        let mut value = value(name, &[]);
+        value.r#type.as_mut().unwrap().tensor_type.as_mut().unwrap().elem_type = Some(9);
+        value
+    }
+
     pub fn node(op: &str, inputs: &[&str], outputs: &[&str], name: Option<&str>) -> NodeProto {
         NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -372,6 +379,29 @@ fn training_mode_needs_mc_dropout() {
         "{}",
         outcome.stderr
     );
+
+    // The same with `training_mode` a model input fed true under `constants`.
+    let fed = dir.path().join("training_fed.onnx");
+    write(
+        &fed,
+        vec![node("Dropout", &["x", "r", "training"], &["y"], Some("drop"))],
+        vec![value("x", &[None, Some(16)]), bool_value("training")],
+        vec![value("y", &[None, Some(16)])],
+        vec![float_scalar("r", 0.5)],
+    );
+    let constant = "    constants: {training: {values: [1], shape: [], dtype: bool}}";
+    let pipeline = write_pipeline(dir.path(), "training_fed.yaml", &built_pipeline(&fed, 16, constant));
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("stages[0].model: Dropout node \"drop\" runs in training mode"),
+        "{}",
+        outcome.stderr
+    );
+    let settings = format!("{MC}\n{constant}");
+    let output = run_ok(dir.path(), "training_fed_mc", &built_pipeline(&fed, 16, &settings));
+    let zeros = zero_fraction(&read_arrow(&output).1);
+    assert!((zeros - 0.5).abs() < 0.045, "{zeros} of the elements dropped at ratio 0.5");
 
     let first = run_ok(dir.path(), "training_mc", &built_pipeline(&model, 16, MC));
     let again = run_ok(dir.path(), "training_mc_again", &built_pipeline(&model, 16, MC));

@@ -16,7 +16,7 @@
 mod dropout;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -139,8 +139,14 @@ impl Infer {
     pub fn plan(config: &InferConfig, context: &PlanContext) -> Result<Planned, Vec<ConfigProblem>> {
         let name = config.name.clone().unwrap_or_else(|| String::from("infer"));
         let model = ModelFile::read(&config.model).map_err(|err| vec![context.problem("model", err.to_string())])?;
+        let known: HashMap<String, f32> = config
+            .constants
+            .iter()
+            .filter(|(_, constant)| constant.values.len() == 1)
+            .map(|(input, constant)| (input.clone(), constant.values[0] as f32))
+            .collect();
         if !config.mc_dropout
-            && let Some(node) = crate::model::dropout::training_node(&model.bytes)
+            && let Some(node) = crate::model::dropout::training_node(&model.bytes, &known)
         {
             return Err(vec![context.problem(
                 "model",
@@ -250,11 +256,7 @@ impl Infer {
                 rng: StageRng::new(context.seed, &name),
                 key_column: context.key_column,
                 graph_inputs: columns.iter().map(|input| (input.input.clone(), input.tensor.shape.clone())).collect(),
-                known: constants
-                    .iter()
-                    .filter(|(_, constant)| constant.values.len() == 1)
-                    .map(|(input, constant)| (input.clone(), constant.values[0] as f32))
-                    .collect(),
+                known,
                 batch_of_one,
             };
             let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
