@@ -369,8 +369,8 @@ const VARIANT_EXPECTED: [&str; 2] = ["expected variant identifier", "expected st
 /// unknown name, so the value is replaced by a name no setting has, and the
 /// list is taken from that error.
 ///
-/// An error about a tag inside a list item, such as an aggregate's `op`, is
-/// reported at the item, so the trail is extended to the tag's key.
+/// Extends the trail to the tag's key when the error is about a tag inside
+/// a list item, such as an aggregate's `op`, which serde reports at the item.
 fn name_variants<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: String) -> String {
     let Some(expected) = VARIANT_EXPECTED.iter().find(|expected| message.ends_with(*expected)) else {
         return message;
@@ -633,7 +633,7 @@ mod tests {
     }
 
     #[test]
-    fn name_given_a_mapping_says_how_to_write_it() {
+    fn name_given_mapping_is_reported() {
         let cases = [
             (
                 "compression: {zstd: 3}",

@@ -261,11 +261,12 @@ pub fn mask_sites(model: &ModelProto, known: &HashMap<String, f32>) -> Result<Ve
 pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Result<Vec<u8>, String> {
     rewrite_graph(bytes, |graph, out| {
         let node_error = |err: prost::DecodeError| format!("cannot read a graph node: {err}");
-        let is_site = |node: &NodeProto| {
-            node.op_type.as_deref() == Some("Dropout")
-                && sites
-                    .iter()
-                    .any(|site| node.input.first() == Some(&site.input) && node.output.first() == Some(&site.output))
+        let site_of = |node: &NodeProto| {
+            sites.iter().find(|site| {
+                node.op_type.as_deref() == Some("Dropout")
+                    && node.input.first() == Some(&site.input)
+                    && node.output.first() == Some(&site.output)
+            })
         };
         // Tensors read by the replaced nodes' other inputs and by nothing else.
         let mut unused: HashSet<String> = HashSet::new();
@@ -278,14 +279,14 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                     let node = NodeProto::decode(payload).map_err(node_error)?;
                     subgraphs |= matches!(node.op_type.as_deref(), Some("If" | "Loop" | "Scan"))
                         || node.attribute.iter().any(|attribute| matches!(attribute.r#type, Some(5 | 10)));
-                    if is_site(&node) {
+                    if site_of(&node).is_some() {
                         unused.extend(node.input.iter().skip(1).filter(|name| !name.is_empty()).cloned());
                     } else {
                         kept_reads.extend(node.input);
                     }
                 }
                 (12, Some(payload)) => {
-                    kept_reads.extend(Named::decode(payload).map_err(node_error)?.name);
+                    kept_reads.extend(value_name(payload));
                 }
                 (5, Some(payload)) => initialized.extend(named_tensor(payload)),
                 _ => {}
@@ -298,16 +299,10 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
         }
 
         for field in fields(graph)? {
-            let named = |payload: &[u8]| Named::decode(payload).map(|named| named.name).unwrap_or_default();
             match (field.number, field.payload) {
                 (1, Some(payload)) => {
                     let node = NodeProto::decode(payload).map_err(node_error)?;
-                    let site = sites.iter().find(|site| {
-                        is_site(&node)
-                            && node.input.first() == Some(&site.input)
-                            && node.output.first() == Some(&site.output)
-                    });
-                    if let Some(site) = site {
+                    if let Some(site) = site_of(&node) {
                         let mul = NodeProto {
                             input: vec![site.input.clone(), site.mask.clone()],
                             output: vec![site.output.clone()],
@@ -329,7 +324,8 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                 (5, Some(payload)) if named_tensor(payload).is_some_and(|name| unused.contains(&name)) => {}
                 // A graph input without an initializer is fed by the pipeline.
                 (11, Some(payload))
-                    if named(payload).is_some_and(|name| unused.contains(&name) && initialized.contains(&name)) => {}
+                    if value_name(payload)
+                        .is_some_and(|name| unused.contains(&name) && initialized.contains(&name)) => {}
                 _ => out.extend_from_slice(field.raw),
             }
         }
@@ -366,6 +362,10 @@ struct Named {
 struct NamedTensor {
     #[prost(string, optional, tag = "8")]
     name: Option<String>,
+}
+
+fn value_name(payload: &[u8]) -> Option<String> {
+    Named::decode(payload).ok()?.name
 }
 
 fn named_tensor(payload: &[u8]) -> Option<String> {

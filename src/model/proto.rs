@@ -78,7 +78,7 @@ pub struct TensorProto {
     pub data_type: Option<i32>,
     #[prost(float, repeated, tag = "4")]
     pub float_data: Vec<f32>,
-    /// Also holds bool, int8, int16 and float16 values.
+    /// Values of int32 tensors, and also of bool, int8, int16 and float16 ones.
     #[prost(int32, repeated, tag = "5")]
     pub int32_data: Vec<i32>,
     #[prost(string, optional, tag = "8")]

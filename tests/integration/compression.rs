@@ -1,7 +1,7 @@
 use crate::common::*;
 
-/// A pipeline of 3,000 latent records of 64 uniform values, written with
-/// the sink settings `compression`.
+/// Returns a pipeline of 3,000 latent records of 64 uniform values, written
+/// with the sink settings `compression`.
 fn pipeline(compression: &str) -> String {
     format!(
         "seed: 5\nsource: {{kind: latent, records: 3000, shape: [64], prior: {{kind: uniform, low: 0.0, high: 1.0}}}}\nsink:\n  kind: arrow_file\n  path: unused.arrow\n{compression}"
@@ -24,7 +24,7 @@ fn outputs(dir: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
 }
 
 #[test]
-fn every_codec_and_level_reads_back_the_same_values() {
+fn codecs_read_back_same_values() {
     let dir = tempfile::tempdir().unwrap();
     let outputs = outputs(dir.path());
     let (_, plain) = read_arrow(&outputs[0].1);

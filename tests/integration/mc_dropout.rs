@@ -64,8 +64,8 @@ fn mask_rates_match_the_ratios() {
     // would show a far larger spread.
     let batches = read_arrow(&output).1;
     let h = tensor_f32(&batches, "h");
-    let kept: Vec<f64> = h.chunks(64).map(|row| row.iter().filter(|&&v| v != 0.0).count() as f64).collect();
-    let (mean, std) = mean_std(&kept);
+    let kept_per_record: Vec<f64> = h.chunks(64).map(|row| row.iter().filter(|&&v| v != 0.0).count() as f64).collect();
+    let (mean, std) = mean_std(&kept_per_record);
     // Standard error of the mean: sqrt(12 / 2000) = 0.077; allow 5 of them.
     assert!((mean - 48.0).abs() < 0.39, "mean kept per record {mean}");
     // The std of 2,000 draws of a variance-12 count is 3.46, with a

@@ -75,7 +75,7 @@ fn stream_bytes_do_not_depend_on_batching() {
 }
 
 #[test]
-fn sink_path_dash_in_the_file_is_standard_output() {
+fn dash_sink_path_is_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = noisy_latent(50, 2).replace("path: unused.arrow", "path: \"-\"");
     let pipeline = write_pipeline(dir.path(), "dash.yaml", &yaml);
