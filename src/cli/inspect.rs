@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::model::dropout::{self, Ratio};
 use crate::model::proto::{self, GraphProto, ValueInfoProto};
 
-pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
+pub fn inspect(model_path: &Path, tensors: bool) -> anyhow::Result<ExitCode> {
     let bytes =
         std::fs::read(model_path).with_context(|| format!("cannot read model file {}", model_path.display()))?;
     let model = proto::decode(&bytes)
@@ -51,8 +51,35 @@ pub fn inspect(model_path: &Path) -> anyhow::Result<ExitCode> {
     for output in &graph.output {
         super::out!("  {}", describe_value(output));
     }
+    print_weights(&graph);
     print_dropout(&graph);
+    if tensors {
+        print_tensors(&graph);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints how many initializers the model has and how many float32 values
+/// they hold: the weights that `weight_noise` perturbs.
+fn print_weights(graph: &GraphProto) {
+    let float32: Vec<&proto::TensorProto> = graph.initializer.iter().filter(|t| t.data_type == Some(1)).collect();
+    let values: i64 = float32.iter().map(|t| t.dims.iter().product::<i64>()).sum();
+    super::out!("initializers: {} ({} float32, with {values} values)", graph.initializer.len(), float32.len());
+}
+
+/// Lists the tensors computed by the main graph's nodes, in node order,
+/// with the node that computes each.
+fn print_tensors(graph: &GraphProto) {
+    let outputs: Vec<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    super::out!("tensors computed by nodes:");
+    for (index, node) in graph.node.iter().enumerate() {
+        let op = node.op_type.as_deref().unwrap_or("?");
+        let name = node.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("node {index}"));
+        for output in node.output.iter().filter(|o| !o.is_empty()) {
+            let note = if outputs.contains(&output.as_str()) { "  (model output)" } else { "" };
+            super::out!("  {output}  <- {op} {name}{note}");
+        }
+    }
 }
 
 /// Formats `name  dtype  [dims]`, with symbolic dimensions by name.

@@ -56,10 +56,14 @@ enum Command {
         /// The pipeline file (YAML).
         pipeline: PathBuf,
     },
-    /// Print an ONNX model's inputs, outputs, opsets and Dropout nodes.
+    /// Print an ONNX model's inputs, outputs, opsets, weights and Dropout nodes.
     Inspect {
         /// The model file (.onnx).
         model: PathBuf,
+        /// Also list the tensors that the graph's nodes compute, the places
+        /// `inject_dropout` can name.
+        #[arg(long)]
+        tensors: bool,
     },
 }
 
@@ -82,7 +86,7 @@ pub fn main() -> ExitCode {
         Command::Run { pipeline, seed, output } => run::run(&pipeline, seed, output.as_deref()),
         Command::Daemon { pipeline, seed } => crate::daemon::run(&pipeline, seed),
         Command::Validate { pipeline } => validate::validate(&pipeline),
-        Command::Inspect { model } => inspect::inspect(&model),
+        Command::Inspect { model, tensors } => inspect::inspect(&model, tensors),
     };
     match result {
         Ok(code) => code,

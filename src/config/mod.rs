@@ -44,7 +44,7 @@ pub use source::{
 };
 pub use stage::{
     ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,
-    ResizeFilter, StageConfig, TensorDtype,
+    ResizeFilter, StageConfig, TensorDtype, WeightNoiseConfig,
 };
 
 /// A whole pipeline file.

@@ -199,6 +199,27 @@ pub struct InferConfig {
     /// Keeps the model's Dropout nodes active, with masks drawn by the stage.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mc_dropout: bool,
+    /// Dropout added at tensors of the model: tensor name to ratio.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inject_dropout: BTreeMap<String, f32>,
+    /// Gaussian noise on the model's weights: each sample index runs its own
+    /// perturbed copy of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_noise: Option<WeightNoiseConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightNoiseConfig {
+    /// Standard deviation of the noise added to each weight.
+    pub std: f32,
+    /// Whether `std` is relative to each initializer's root mean square.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relative: bool,
+    /// The initializers that get noise; by default every float32
+    /// initializer with more than one value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializers: Option<Vec<String>>,
 }
 
 /// Maximum sessions a stage opens by default, because each session keeps

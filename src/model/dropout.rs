@@ -8,19 +8,21 @@
 //! element, `1 / (1 - ratio)` with probability `1 - ratio`, else 0, as a
 //! Dropout node in training mode computes.
 //!
+//! Dropout can also be injected at a named tensor of a model that has no
+//! Dropout there: a `Mul(tensor, mask)` node is inserted after the node that
+//! computes the tensor, and the nodes that read the tensor read the product.
+//!
 //! The rewrite works on the protobuf wire format. Every field of the model
 //! is copied as it is, except the Dropout nodes, which are replaced, and
 //! the graph's inputs, which gain the masks. The partial schema in
 //! [`super::proto`] is used only to read what is rewritten.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use prost::Message;
 
-use super::proto::{
-    AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TensorTypeProto,
-    TypeProto, ValueInfoProto,
-};
+use super::proto::{AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, TensorProto};
+use super::wire;
 
 /// The ratio of a Dropout node.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,11 +181,25 @@ fn constant_float(node: &NodeProto) -> Option<f32> {
     node.attribute.iter().find(|a| a.name.as_deref() == Some("value_float")).and_then(|a| a.f)
 }
 
-/// A Dropout node rewritten into a multiplication by a mask input.
+/// Where a mask multiplies a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteKind {
+    /// A Dropout node of the model, replaced by the multiplication.
+    Node,
+    /// A tensor of a model without Dropout there: the multiplication is
+    /// inserted after the node that computes the tensor, and the nodes that
+    /// read the tensor read the product instead.
+    Injected,
+}
+
+/// A multiplication by a mask input: a rewritten Dropout node or dropout
+/// injected at a tensor.
 #[derive(Clone, Debug)]
 pub struct MaskSite {
+    pub kind: SiteKind,
+    /// The Dropout node's name, or the tensor's name for injected dropout.
     pub node: String,
-    /// The name of the `Mul` node that replaces it.
+    /// The name of the `Mul` node.
     pub mul: String,
     /// The tensor the mask multiplies.
     pub input: String,
@@ -193,32 +209,106 @@ pub struct MaskSite {
     pub ratio: f32,
 }
 
-/// Finds the Dropout nodes that Monte Carlo dropout rewrites, or returns
-/// why the model cannot have its dropout kept active. `known` gives the
-/// values of model inputs that the pipeline feeds a constant scalar, which
-/// a ratio may come from.
-pub fn mask_sites(model: &ModelProto, known: &HashMap<String, f32>) -> Result<Vec<MaskSite>, String> {
-    let graph = model.graph.clone().unwrap_or_default();
-    let nodes = dropout_nodes(&graph);
-    if nodes.is_empty() {
-        return Err(String::from(
-            "the model has no Dropout nodes, so there is no dropout to keep active; export the model with its Dropout layers (converters often remove them in inference mode), or remove `mc_dropout`",
-        ));
+impl MaskSite {
+    /// Names the site in messages.
+    pub fn subject(&self) -> String {
+        match self.kind {
+            SiteKind::Node => format!("Dropout node {:?}", self.node),
+            SiteKind::Injected => format!("the dropout injected at tensor {:?}", self.node),
+        }
     }
-    let mut used: HashSet<&str> = graph.node.iter().flat_map(|node| node.input.iter().map(String::as_str)).collect();
-    used.extend(graph.output.iter().filter_map(|output| output.name.as_deref()));
+
+    /// The pipeline setting that asked for the site, as a key under the stage.
+    pub fn setting(&self) -> String {
+        match self.kind {
+            SiteKind::Node => String::from("mc_dropout"),
+            SiteKind::Injected => format!("inject_dropout.{}", self.node),
+        }
+    }
+}
+
+/// A reason the masks cannot be planned, with the setting it concerns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteError {
+    /// A key under the stage: `mc_dropout` or `inject_dropout.TENSOR`.
+    pub setting: String,
+    pub message: String,
+}
+
+impl SiteError {
+    fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { setting: setting.into(), message: message.into() }
+    }
+}
+
+/// What the masks of a stage are asked for.
+pub struct MaskRequest<'a> {
+    /// Whether the model's own Dropout nodes are kept active.
+    pub mc_dropout: bool,
+    /// Tensors to inject dropout at, with their ratios.
+    pub inject: &'a BTreeMap<String, f32>,
+    /// The values of model inputs that the pipeline feeds a constant
+    /// scalar, which a Dropout node's ratio may come from.
+    pub known: &'a HashMap<String, f32>,
+}
+
+/// Finds where the masks go: the model's Dropout nodes in node order (with
+/// `mc_dropout`), then the injected tensors in name order. Returns why the
+/// model cannot take a mask where one is asked for.
+pub fn mask_sites(model: &ModelProto, request: &MaskRequest<'_>) -> Result<Vec<MaskSite>, SiteError> {
+    let graph = model.graph.clone().unwrap_or_default();
     let mut names: HashSet<String> = graph.input.iter().filter_map(|input| input.name.clone()).collect();
     names.extend(graph.node.iter().flat_map(|node| node.output.iter().cloned()));
     names.extend(graph.initializer.iter().filter_map(|tensor| tensor.name.clone()));
     let mut node_names: HashSet<String> = graph.node.iter().filter_map(|node| node.name.clone()).collect();
-
     let mut sites = Vec::new();
+    let mut add = |kind: SiteKind, node: String, input: String, output: Option<String>, ratio: f32| {
+        let mask = fresh(&mut names, format!("stochflow.dropout_mask.{node}"));
+        let output = output.unwrap_or_else(|| fresh(&mut names, format!("{input}.dropped")));
+        let mul = fresh(&mut node_names, format!("{node}.mask"));
+        sites.push(MaskSite { kind, node, mul, input, output, mask, ratio });
+    };
+    if request.mc_dropout {
+        for (node, ratio) in dropout_ratios(&graph, request.known)? {
+            add(SiteKind::Node, node.name, node.input, Some(node.output), ratio);
+        }
+    }
+    for (tensor, &ratio) in request.inject {
+        check_injection(&graph, tensor, ratio)?;
+        add(SiteKind::Injected, tensor.clone(), tensor.clone(), None, ratio);
+    }
+    Ok(sites)
+}
+
+/// Returns `base`, with underscores added until no name in `taken` has it,
+/// and marks it taken.
+fn fresh(taken: &mut HashSet<String>, mut base: String) -> String {
+    while taken.contains(&base) {
+        base.push('_');
+    }
+    taken.insert(base.clone());
+    base
+}
+
+/// Lists the Dropout nodes that Monte Carlo dropout rewrites, with their
+/// ratios.
+fn dropout_ratios(graph: &GraphProto, known: &HashMap<String, f32>) -> Result<Vec<(DropoutNode, f32)>, SiteError> {
+    let fail = |message: String| SiteError::new("mc_dropout", message);
+    let nodes = dropout_nodes(graph);
+    if nodes.is_empty() {
+        return Err(fail(String::from(
+            "the model has no Dropout nodes, so there is no dropout to keep active; export the model with its Dropout layers (converters often remove them in inference mode), inject dropout at named tensors with `inject_dropout`, or remove `mc_dropout`",
+        )));
+    }
+    let mut used: HashSet<&str> = graph.node.iter().flat_map(|node| node.input.iter().map(String::as_str)).collect();
+    used.extend(graph.output.iter().filter_map(|output| output.name.as_deref()));
+    let mut found = Vec::new();
     for node in nodes {
         if let Some(mask) = node.mask_output.as_deref().filter(|mask| used.contains(mask)) {
-            return Err(format!(
+            return Err(fail(format!(
                 "Dropout node {:?} has its mask output {mask:?} read by another node or listed as a model output; the rewritten node has no mask output, so export the model without that use of the mask",
                 node.name
-            ));
+            )));
         }
         let ratio = match &node.ratio {
             Ratio::Computed(tensor) => known.get(tensor).copied().map_or(node.ratio.value(), Some),
@@ -227,43 +317,78 @@ pub fn mask_sites(model: &ModelProto, known: &HashMap<String, f32>) -> Result<Ve
         let ratio = match ratio {
             Some(ratio) if (0.0..1.0).contains(&ratio) => ratio,
             Some(ratio) => {
-                return Err(format!("Dropout node {:?} has ratio {ratio}; a ratio must be in [0, 1)", node.name));
+                return Err(fail(format!("Dropout node {:?} has ratio {ratio}; a ratio must be in [0, 1)", node.name)));
             }
             None => {
                 let Ratio::Computed(tensor) = &node.ratio else { unreachable!("only a computed ratio has no value") };
-                return Err(format!(
+                return Err(fail(format!(
                     "Dropout node {:?} takes its ratio from {tensor:?}, which is not a float scalar known before the model runs; give the ratio as an attribute, an initializer, a Constant node, or a model input fed by a one-value entry under `constants`",
                     node.name
-                ));
+                )));
             }
         };
-        let mut mask = format!("stochflow.dropout_mask.{}", node.name);
-        while names.contains(&mask) {
-            mask.push('_');
-        }
-        names.insert(mask.clone());
-        let mut mul = format!("{}.mask", node.name);
-        while node_names.contains(&mul) {
-            mul.push('_');
-        }
-        node_names.insert(mul.clone());
-        sites.push(MaskSite { node: node.name, mul, input: node.input, output: node.output, mask, ratio });
+        found.push((node, ratio));
     }
-    Ok(sites)
+    Ok(found)
 }
 
-/// Returns the model with each site's Dropout node replaced by `Mul(input,
-/// mask)` and the masks added as float32 inputs of shape `[N, shape...]`,
-/// where `shapes` gives each site's per-record shape. The ratios and
-/// training flags that only the replaced nodes read are removed, with the
+/// Checks that dropout can be injected at `tensor`: an activation of the
+/// main graph (a node's output or a graph input fed by the pipeline) that
+/// is not a model output.
+fn check_injection(graph: &GraphProto, tensor: &str, ratio: f32) -> Result<(), SiteError> {
+    let fail = |message: String| SiteError::new(format!("inject_dropout.{tensor}"), message);
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(fail(format!(
+            "the ratio of the dropout at tensor {tensor:?} is {ratio}; a ratio must be in [0, 1)"
+        )));
+    }
+    let named = |name: Option<&String>| name.is_some_and(|name| name == tensor);
+    if graph.initializer.iter().any(|initializer| named(initializer.name.as_ref())) {
+        return Err(fail(format!(
+            "tensor {tensor:?} is a weight of the model (an initializer), not an activation; dropout is injected at tensors that depend on the record. To perturb weights, use `weight_noise`"
+        )));
+    }
+    if graph.output.iter().any(|output| named(output.name.as_ref())) {
+        return Err(fail(format!(
+            "tensor {tensor:?} is a model output; to drop elements of an output, add an `add_noise` stage with `noise: dropout` after this stage, or inject at a tensor inside the model"
+        )));
+    }
+    let produced = graph.node.iter().any(|node| node.output.iter().any(|output| output == tensor));
+    if !produced && !graph.input.iter().any(|input| named(input.name.as_ref())) {
+        return Err(fail(format!(
+            "the model has no tensor {tensor:?} in its main graph; `stochflow inspect MODEL --tensors` lists the tensors its nodes compute"
+        )));
+    }
+    Ok(())
+}
+
+/// Returns the model with each site's mask applied: a rewritten Dropout
+/// node becomes `Mul(input, mask)`; for injected dropout, `Mul(tensor,
+/// mask)` follows the node that computes the tensor (or comes first, for a
+/// graph input), and the nodes that read the tensor read the product. The
+/// masks are added as float32 inputs of shape `[N, shape...]`, where
+/// `shapes` gives each site's per-record shape. The ratios and training
+/// flags that only the replaced nodes read are removed, with the
 /// initializers and Constant nodes that give them, because ONNX Runtime
 /// warns about unused initializers.
 pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Result<Vec<u8>, String> {
-    rewrite_graph(bytes, |graph, out| {
+    let injected: Vec<&MaskSite> = sites.iter().filter(|site| site.kind == SiteKind::Injected).collect();
+    let renames: HashMap<&str, &str> =
+        injected.iter().map(|site| (site.input.as_str(), site.output.as_str())).collect();
+    let multiply = |site: &MaskSite| NodeProto {
+        input: vec![site.input.clone(), site.mask.clone()],
+        output: vec![site.output.clone()],
+        name: Some(site.mul.clone()),
+        op_type: Some(String::from("Mul")),
+        attribute: Vec::<AttributeProto>::new(),
+    };
+    wire::rewrite_graph(bytes, |graph, out| {
+        let graph = wire::fields(graph)?;
         let node_error = |err: prost::DecodeError| format!("cannot read a graph node: {err}");
         let site_of = |node: &NodeProto| {
             sites.iter().find(|site| {
-                node.op_type.as_deref() == Some("Dropout")
+                site.kind == SiteKind::Node
+                    && node.op_type.as_deref() == Some("Dropout")
                     && node.input.first() == Some(&site.input)
                     && node.output.first() == Some(&site.output)
             })
@@ -273,7 +398,7 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
         let mut kept_reads: HashSet<String> = HashSet::new();
         let mut subgraphs = false;
         let mut initialized: HashSet<String> = HashSet::new();
-        for field in fields(graph)? {
+        for field in &graph {
             match (field.number, field.payload) {
                 (1, Some(payload)) => {
                     let node = NodeProto::decode(payload).map_err(node_error)?;
@@ -286,9 +411,9 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
                     }
                 }
                 (12, Some(payload)) => {
-                    kept_reads.extend(value_name(payload));
+                    kept_reads.extend(wire::value_name(payload));
                 }
-                (5, Some(payload)) => initialized.extend(named_tensor(payload)),
+                (5, Some(payload)) => initialized.extend(wire::named_tensor(payload)),
                 _ => {}
             }
         }
@@ -298,190 +423,83 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
             unused.clear();
         }
 
-        for field in fields(graph)? {
+        // Injected dropout at graph inputs comes before the first node.
+        let mut at_inputs: Vec<&MaskSite> = injected.clone();
+        at_inputs.retain(|site| !produced_by_a_node(&graph, &site.input));
+        let mut inputs_done = false;
+        for field in &graph {
             match (field.number, field.payload) {
                 (1, Some(payload)) => {
+                    if !inputs_done {
+                        for site in at_inputs.drain(..) {
+                            wire::put_message(out, 1, &multiply(site).encode_to_vec());
+                        }
+                        inputs_done = true;
+                    }
                     let node = NodeProto::decode(payload).map_err(node_error)?;
                     if let Some(site) = site_of(&node) {
-                        let mul = NodeProto {
-                            input: vec![site.input.clone(), site.mask.clone()],
-                            output: vec![site.output.clone()],
-                            name: Some(site.mul.clone()),
-                            op_type: Some(String::from("Mul")),
-                            attribute: Vec::<AttributeProto>::new(),
-                        };
-                        put_message(out, 1, &mul.encode_to_vec());
+                        let mut mul = multiply(site);
+                        for input in &mut mul.input {
+                            if let Some(&renamed) = renames.get(input.as_str()) {
+                                *input = renamed.to_string();
+                            }
+                        }
+                        wire::put_message(out, 1, &mul.encode_to_vec());
                     } else if node.op_type.as_deref() == Some("Constant")
                         && node.output.len() == 1
                         && unused.contains(&node.output[0])
                     {
                         // A ratio that only the replaced node read.
+                        continue;
+                    } else if node.input.iter().any(|input| renames.contains_key(input.as_str())) {
+                        wire::put_message(out, 1, &wire::rename_inputs(payload, &renames)?);
                     } else {
                         out.extend_from_slice(field.raw);
                     }
+                    for site in injected.iter().filter(|site| node.output.contains(&site.input)) {
+                        wire::put_message(out, 1, &multiply(site).encode_to_vec());
+                    }
                 }
                 // Initializers (5) of removed ratios, and graph inputs (11) that name them.
-                (5, Some(payload)) if named_tensor(payload).is_some_and(|name| unused.contains(&name)) => {}
+                (5, Some(payload)) if wire::named_tensor(payload).is_some_and(|name| unused.contains(&name)) => {}
                 // A graph input without an initializer is fed by the pipeline.
                 (11, Some(payload))
-                    if value_name(payload)
+                    if wire::value_name(payload)
                         .is_some_and(|name| unused.contains(&name) && initialized.contains(&name)) => {}
                 _ => out.extend_from_slice(field.raw),
             }
         }
+        for site in at_inputs {
+            wire::put_message(out, 1, &multiply(site).encode_to_vec());
+        }
         for (site, shape) in sites.iter().zip(shapes) {
             let mut dims = vec![Dimension { dim_value: None, dim_param: Some(String::from("N")) }];
             dims.extend(shape.iter().map(|&size| Dimension { dim_value: Some(size as i64), dim_param: None }));
-            put_message(out, 11, &float_value(&site.mask, Some(dims)).encode_to_vec());
+            wire::put_message(out, 11, &wire::float_value(&site.mask, Some(dims)).encode_to_vec());
         }
         Ok(())
     })
+}
+
+/// Whether a node of the graph (given as its fields) computes `tensor`.
+fn produced_by_a_node(fields: &[wire::Field<'_>], tensor: &str) -> bool {
+    fields
+        .iter()
+        .filter(|field| field.number == 1)
+        .filter_map(|field| field.payload)
+        .any(|payload| NodeProto::decode(payload).is_ok_and(|node| node.output.iter().any(|output| output == tensor)))
 }
 
 /// Returns the model with `names` added as float32 graph outputs of unknown
 /// shape, so that a run reports the shapes of those tensors.
 pub fn with_outputs(bytes: &[u8], names: &[String]) -> Result<Vec<u8>, String> {
-    rewrite_graph(bytes, |graph, out| {
+    wire::rewrite_graph(bytes, |graph, out| {
         out.extend_from_slice(graph);
         for name in names {
-            put_message(out, 12, &float_value(name, None).encode_to_vec());
+            wire::put_message(out, 12, &wire::float_value(name, None).encode_to_vec());
         }
         Ok(())
     })
-}
-
-/// The name of a `ValueInfoProto` (field 1), decoded without the rest.
-#[derive(Clone, PartialEq, Message)]
-struct Named {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-}
-
-/// The name of a `TensorProto` (field 8), decoded without its data.
-#[derive(Clone, PartialEq, Message)]
-struct NamedTensor {
-    #[prost(string, optional, tag = "8")]
-    name: Option<String>,
-}
-
-fn value_name(payload: &[u8]) -> Option<String> {
-    Named::decode(payload).ok()?.name
-}
-
-fn named_tensor(payload: &[u8]) -> Option<String> {
-    NamedTensor::decode(payload).ok()?.name
-}
-
-/// Builds the description of a float32 tensor, with its dimensions when
-/// known.
-fn float_value(name: &str, dims: Option<Vec<Dimension>>) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.to_string()),
-        r#type: Some(TypeProto {
-            tensor_type: Some(TensorTypeProto { elem_type: Some(1), shape: dims.map(|dim| TensorShapeProto { dim }) }),
-        }),
-    }
-}
-
-/// Copies a model, with its graph (field 7 of `ModelProto`) replaced by
-/// what `rewrite` writes from the original graph's bytes.
-fn rewrite_graph(
-    bytes: &[u8],
-    rewrite: impl FnOnce(&[u8], &mut Vec<u8>) -> Result<(), String>,
-) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(bytes.len() + 256);
-    let mut rewrite = Some(rewrite);
-    for field in fields(bytes)? {
-        match (field.number, field.payload) {
-            (7, Some(graph)) => {
-                let rewrite = rewrite.take().ok_or("the model has more than one graph")?;
-                let mut new_graph = Vec::with_capacity(graph.len() + 256);
-                rewrite(graph, &mut new_graph)?;
-                put_message(&mut out, 7, &new_graph);
-            }
-            _ => out.extend_from_slice(field.raw),
-        }
-    }
-    if rewrite.is_some() {
-        return Err(String::from("the model has no graph"));
-    }
-    Ok(out)
-}
-
-/// One field of a protobuf message.
-struct Field<'a> {
-    number: u64,
-    /// The whole field: key and value.
-    raw: &'a [u8],
-    /// The bytes of a length-delimited value.
-    payload: Option<&'a [u8]>,
-}
-
-/// Splits a protobuf message into its fields, in order.
-fn fields(bytes: &[u8]) -> Result<Vec<Field<'_>>, String> {
-    let malformed = || String::from("the model file is not valid protobuf");
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let start = at;
-        let key = varint(bytes, &mut at).ok_or_else(malformed)?;
-        let payload = match key & 7 {
-            0 => {
-                varint(bytes, &mut at).ok_or_else(malformed)?;
-                None
-            }
-            1 => {
-                at = at.checked_add(8).filter(|&end| end <= bytes.len()).ok_or_else(malformed)?;
-                None
-            }
-            2 => {
-                let length = varint(bytes, &mut at).ok_or_else(malformed)?;
-                let end = usize::try_from(length)
-                    .ok()
-                    .and_then(|length| at.checked_add(length))
-                    .filter(|&end| end <= bytes.len())
-                    .ok_or_else(malformed)?;
-                let payload = &bytes[at..end];
-                at = end;
-                Some(payload)
-            }
-            5 => {
-                at = at.checked_add(4).filter(|&end| end <= bytes.len()).ok_or_else(malformed)?;
-                None
-            }
-            _ => return Err(malformed()),
-        };
-        fields.push(Field { number: key >> 3, raw: &bytes[start..at], payload });
-    }
-    Ok(fields)
-}
-
-fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// Appends a length-delimited field.
-fn put_message(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
-    put_varint(out, number << 3 | 2);
-    put_varint(out, payload.len() as u64);
-    out.extend_from_slice(payload);
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 #[cfg(test)]
@@ -505,7 +523,8 @@ mod tests {
     fn masked_model_keeps_other_fields() {
         let bytes = fixture("mlp_digits.onnx");
         let model = super::super::proto::decode(&bytes).unwrap();
-        let sites = mask_sites(&model, &HashMap::new()).unwrap();
+        let request = MaskRequest { mc_dropout: true, inject: &BTreeMap::new(), known: &HashMap::new() };
+        let sites = mask_sites(&model, &request).unwrap();
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].mask, "stochflow.dropout_mask.dropout1");
         assert_eq!(sites[0].ratio, 0.2);
@@ -531,8 +550,10 @@ mod tests {
     #[test]
     fn model_without_dropout_is_rejected() {
         let model = super::super::proto::decode(&fixture("conv_photos.onnx")).unwrap();
-        let error = mask_sites(&model, &HashMap::new()).unwrap_err();
-        assert!(error.starts_with("the model has no Dropout nodes"), "{error}");
+        let request = MaskRequest { mc_dropout: true, inject: &BTreeMap::new(), known: &HashMap::new() };
+        let error = mask_sites(&model, &request).unwrap_err();
+        assert_eq!(error.setting, "mc_dropout");
+        assert!(error.message.starts_with("the model has no Dropout nodes"), "{}", error.message);
     }
 
     #[test]
@@ -540,16 +561,5 @@ mod tests {
         let bytes = fixture("mlp_digits.onnx");
         let error = with_outputs(&bytes[..bytes.len() / 2], &[String::from("h")]).unwrap_err();
         assert_eq!(error, "the model file is not valid protobuf");
-    }
-
-    #[test]
-    fn varints_round_trip() {
-        for value in [0, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
-            let mut out = Vec::new();
-            put_varint(&mut out, value);
-            let mut at = 0;
-            assert_eq!(varint(&out, &mut at), Some(value));
-            assert_eq!(at, out.len());
-        }
     }
 }

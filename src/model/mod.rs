@@ -6,6 +6,8 @@ pub mod inspect;
 pub mod library;
 pub mod proto;
 pub mod session;
+pub mod weights;
+mod wire;
 
 pub use library::{LibraryError, ORT_VERSION};
 pub use session::{ModelError, ModelFile, Signature, TensorInfo};

@@ -9,6 +9,8 @@ mod common;
 mod augment;
 /// Bad files, bad records and bad settings, with their exit codes.
 mod bad_input;
+/// Small ONNX models built by the tests.
+mod built;
 /// `inspect`, `validate` and the options of `run`.
 mod commands;
 /// LZ4 and zstd output, and the zstd level.
@@ -31,6 +33,8 @@ mod images;
 mod latent_source;
 /// Monte Carlo dropout: mask rates and scales, determinism, the shipped pipeline.
 mod mc_dropout;
+/// Dropout injected at named tensors, and weight-noise ensembles.
+mod model_noise;
 /// The model path agrees with onnxruntime in Python; noise hurts accuracy.
 mod model_path;
 /// Uniform, multiplicative, dropout, salt-and-pepper, Poisson and speckle noise.

@@ -1,6 +1,7 @@
-//! Monte Carlo dropout in the `infer` stage: planning the masks of a model
-//! whose Dropout nodes are rewritten into mask inputs ([`crate::model::dropout`]),
-//! and drawing them for each batch.
+//! Dropout masks in the `infer` stage: planning the masks of a model whose
+//! Dropout nodes are rewritten into mask inputs, or that has dropout injected
+//! at named tensors ([`crate::model::dropout`]), and drawing them for each
+//! batch.
 //!
 //! Each record's masks come from its own stream of the stage, keyed by the
 //! record key and the sample index, and are drawn in node order. So a
@@ -16,12 +17,14 @@ use rand::Rng;
 
 use crate::batch::{Keys, sample_indices};
 use crate::model::ModelFile;
-use crate::model::dropout::{self, MaskSite};
+use crate::model::dropout::{self, MaskRequest, MaskSite, SiteError, SiteKind};
 use crate::rng::StageRng;
 
 /// One mask input of the rewritten model.
 struct Mask {
     input: String,
+    kind: SiteKind,
+    /// The Dropout node's name, or the tensor's for injected dropout.
     node: String,
     ratio: f32,
     /// Per-record shape: the dropped tensor's dimensions after the batch.
@@ -33,14 +36,14 @@ struct Mask {
     scale: f32,
 }
 
-/// The masks of a stage with Monte Carlo dropout.
+/// The dropout masks of a stage.
 pub struct DropoutMasks {
     rng: StageRng,
     key_column: String,
     masks: Vec<Mask>,
 }
 
-/// A model rewritten for Monte Carlo dropout, with its masks.
+/// A model rewritten to take dropout masks, with its masks.
 pub struct MaskedModel {
     pub model: ModelFile,
     pub masks: DropoutMasks,
@@ -55,12 +58,17 @@ pub struct MaskPlan<'a> {
     pub graph_inputs: BTreeMap<String, Vec<usize>>,
     /// Values of the model inputs fed a one-value constant.
     pub known: HashMap<String, f32>,
+    /// Whether the model's Dropout nodes are kept active.
+    pub mc_dropout: bool,
+    /// Tensors to inject dropout at, with their ratios.
+    pub inject: BTreeMap<String, f32>,
     /// Whether the model fixes its batch dimension to 1.
     pub batch_of_one: bool,
 }
 
-/// Rewrites `model` so that its Dropout nodes multiply by masks that the
-/// stage feeds. The per-record shape of each dropped tensor comes from runs
+/// Rewrites `model` so that its Dropout nodes, and the tensors dropout is
+/// injected at, multiply by masks that the stage feeds. The per-record
+/// shape of each dropped tensor comes from runs
 /// of the model on records of zeros (`probe_inputs` builds them for a
 /// number of records), with the tensors added as outputs. Two runs, on 2
 /// and 3 records, tell the batch dimension from a dimension that happens to
@@ -69,11 +77,14 @@ pub fn mask_model(
     model: &ModelFile,
     plan: MaskPlan<'_>,
     probe_inputs: impl Fn(usize) -> Result<Vec<(String, SessionInputValue<'static>)>, String>,
-) -> Result<MaskedModel, String> {
-    let MaskPlan { threads, rng, key_column, graph_inputs, known, batch_of_one } = plan;
-    let proto =
-        crate::model::proto::decode(&model.bytes).map_err(|err| format!("cannot read the model's graph: {err}"))?;
-    let sites = dropout::mask_sites(&proto, &known)?;
+) -> Result<MaskedModel, SiteError> {
+    let MaskPlan { threads, rng, key_column, graph_inputs, known, mc_dropout, inject, batch_of_one } = plan;
+    // Problems that concern no site in particular.
+    let setting = if mc_dropout { "mc_dropout" } else { "inject_dropout" };
+    let general = |message: String| SiteError { setting: setting.to_string(), message };
+    let proto = crate::model::proto::decode(&model.bytes)
+        .map_err(|err| general(format!("cannot read the model's graph: {err}")))?;
+    let sites = dropout::mask_sites(&proto, &MaskRequest { mc_dropout, inject: &inject, known: &known })?;
     let outputs: Vec<String> =
         proto.graph.as_ref().map(|g| g.output.iter().filter_map(|o| o.name.clone()).collect()).unwrap_or_default();
     let mut probed: Vec<String> = Vec::new();
@@ -84,21 +95,21 @@ pub fn mask_model(
     }
     let probe = ModelFile {
         path: model.path.clone(),
-        bytes: dropout::with_outputs(&model.bytes, &probed)?,
+        bytes: dropout::with_outputs(&model.bytes, &probed).map_err(general)?,
         sha256: model.sha256.clone(),
     };
     let mut session = probe.session(threads).map_err(|err| {
-        format!(
-            "the model with its Dropout inputs read out to find their shapes cannot be loaded, which happens when a Dropout input is not a float32 tensor (Monte Carlo dropout supports float32 only). ONNX Runtime reports: {err}"
-        )
+        general(format!(
+            "the model with its dropped tensors read out to find their shapes cannot be loaded, which happens when a dropped tensor is not float32 (dropout masks are float32 only). ONNX Runtime reports: {err}"
+        ))
     })?;
     let probe_rows: &[usize] = if batch_of_one { &[1] } else { &[2, 3] };
     let mut shapes: Vec<Option<Vec<usize>>> = vec![None; sites.len()];
     for &rows in probe_rows {
-        let results = session.run(probe_inputs(rows)?).map_err(|err| {
-            format!(
-                "running the model on {rows} records of zeros to find the shapes of its Dropout inputs failed: {err}"
-            )
+        let results = session.run(probe_inputs(rows).map_err(general)?).map_err(|err| {
+            general(format!(
+                "running the model on {rows} records of zeros to find the shapes of its dropped tensors failed: {err}"
+            ))
         })?;
         for (site, found) in sites.iter().zip(shapes.iter_mut()) {
             let shape = match graph_inputs.get(&site.input) {
@@ -117,7 +128,7 @@ pub fn mask_model(
 
     let masked = ModelFile {
         path: model.path.clone(),
-        bytes: dropout::with_masks(&model.bytes, &sites, &shapes)?,
+        bytes: dropout::with_masks(&model.bytes, &sites, &shapes).map_err(general)?,
         sha256: model.sha256.clone(),
     };
     let masks = sites
@@ -127,6 +138,7 @@ pub fn mask_model(
             let keep = 1.0 - f64::from(site.ratio);
             Mask {
                 input: site.mask,
+                kind: site.kind,
                 node: site.node,
                 ratio: site.ratio,
                 len: shape.iter().product(),
@@ -140,12 +152,14 @@ pub fn mask_model(
 }
 
 /// Reads the per-record shape of a dropped tensor from a probe run.
-fn per_record_shape(site: &MaskSite, value: &ort::value::DynValue, rows: usize) -> Result<Vec<usize>, String> {
-    let (shape, _) = value.try_extract_tensor::<f32>().map_err(|_| {
-        format!(
-            "Dropout node {:?} drops elements of {:?}, which is not a float32 tensor; Monte Carlo dropout supports float32 only",
-            site.node, site.input
-        )
+fn per_record_shape(site: &MaskSite, value: &ort::value::DynValue, rows: usize) -> Result<Vec<usize>, SiteError> {
+    let (shape, _) = value.try_extract_tensor::<f32>().map_err(|_| SiteError {
+        setting: site.setting(),
+        message: format!(
+            "{} drops elements of {:?}, which is not a float32 tensor; dropout masks are float32 only",
+            site.subject(),
+            site.input
+        ),
     })?;
     let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     match dims.split_first() {
@@ -156,11 +170,15 @@ fn per_record_shape(site: &MaskSite, value: &ort::value::DynValue, rows: usize) 
 
 /// Words the problem of a dropped tensor whose first dimension is not the
 /// batch.
-fn not_batch_first(site: &MaskSite, found: &str) -> String {
-    format!(
-        "Dropout node {:?} drops elements of {:?}, whose first dimension is not the batch: {found}. Monte Carlo dropout draws one mask per record, so it needs the batch as the first dimension",
-        site.node, site.input
-    )
+fn not_batch_first(site: &MaskSite, found: &str) -> SiteError {
+    SiteError {
+        setting: site.setting(),
+        message: format!(
+            "{} drops elements of {:?}, whose first dimension is not the batch: {found}. A dropout mask is drawn per record, so the dropped tensor needs the batch as its first dimension",
+            site.subject(),
+            site.input
+        ),
+    }
 }
 
 impl DropoutMasks {
@@ -194,18 +212,20 @@ impl DropoutMasks {
             .collect()
     }
 
-    /// Describes the masked nodes for the output's metadata, as a JSON
-    /// object from node name to ratio.
-    pub fn describe(&self) -> String {
+    /// Describes the masks of one kind for the output's metadata, as a JSON
+    /// object from node name (or tensor name, for injected dropout) to
+    /// ratio; `None` when there are none of that kind.
+    pub fn describe(&self, kind: SiteKind) -> Option<String> {
         let nodes: serde_json::Map<String, serde_json::Value> = self
             .masks
             .iter()
+            .filter(|mask| mask.kind == kind)
             .map(|mask| {
                 // The ratio's shortest decimal form, such as 0.2 rather than 0.20000000298.
                 let ratio: f64 = mask.ratio.to_string().parse().unwrap_or(f64::from(mask.ratio));
                 (mask.node.clone(), serde_json::Value::from(ratio))
             })
             .collect();
-        serde_json::Value::Object(nodes).to_string()
+        (!nodes.is_empty()).then(|| serde_json::Value::Object(nodes).to_string())
     }
 }

@@ -10,27 +10,29 @@
 //! run. When a run fails, the batch is retried record by record, so that only
 //! the records that fail are rejected.
 //!
-//! With `mc_dropout`, the model's Dropout nodes stay active, with masks drawn
-//! by the stage ([`dropout`]).
+//! With `mc_dropout`, the model's Dropout nodes stay active, and with
+//! `inject_dropout`, dropout is added at named tensors; either way the
+//! masks are drawn by the stage ([`dropout`]).
 
 mod dropout;
+mod pool;
+mod weights;
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
 
-use arrow::array::{ArrayRef, Int64Array};
+use arrow::array::{Array, ArrayRef, Int64Array, UInt32Array};
 use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, SchemaRef};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, TensorElementType, TensorRef};
 
 use super::{PlanContext, Planned, Stage, StageError, reject_rows, schema_with};
-use crate::batch::Batch;
+use crate::batch::{Batch, sample_indices};
 use crate::config::{ConfigProblem, ConstantConfig, ConstantType, InferConfig};
+use crate::model::dropout::SiteKind;
 use crate::model::{ModelFile, Signature, TensorInfo};
 use crate::rng::StageRng;
 use crate::tensor::{self, ElementType, TensorType};
+use pool::SessionPool;
 
 /// A model input fed from a column.
 struct ColumnInput {
@@ -57,7 +59,12 @@ enum OutputElement {
 pub struct Infer {
     name: String,
     model_sha256: String,
-    pool: SessionPool,
+    /// The sessions of each copy of the model: one copy, or one per sample
+    /// index with weight noise.
+    members: Vec<SessionPool>,
+    /// Worker threads that run batches at once.
+    concurrency: usize,
+    /// Records per model run.
     batch_size: usize,
     columns: Vec<ColumnInput>,
     constants: Vec<(String, ConstantConfig)>,
@@ -65,74 +72,12 @@ pub struct Infer {
     key_column: String,
     schema: SchemaRef,
     dropout: Option<dropout::DropoutMasks>,
+    /// The weight noise's settings, for the output's metadata.
+    weight_noise: Option<String>,
     /// Whether the model fixes its batch dimension to 1. A batch can still
     /// hold several rows, when a record's samples stay together, and those
     /// run one at a time.
     batch_of_one: bool,
-}
-
-/// Sessions shared by the worker threads; each run takes one for itself.
-/// The first threads to run each own a session and take it whenever it is
-/// free. With as many sessions as threads, each thread keeps its own, so a
-/// session's buffers stay in the caches of the core its thread runs on.
-struct SessionPool<S = Session> {
-    /// Identifies the pool in the threads' records of their sessions.
-    id: u64,
-    free: Mutex<Free<S>>,
-    returned: Condvar,
-    size: usize,
-}
-
-struct Free<S> {
-    /// Free sessions, with their slot numbers.
-    sessions: Vec<(usize, S)>,
-    /// Slots given to threads as their own so far: slots `0..owned`.
-    owned: usize,
-}
-
-/// Source of [`SessionPool::id`].
-static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// The slot this thread owns in each pool it ran in; `None` when the
-    /// pool had none left to give.
-    static OWN_SLOT: RefCell<Vec<(u64, Option<usize>)>> = const { RefCell::new(Vec::new()) };
-}
-
-impl<S> SessionPool<S> {
-    fn new(sessions: Vec<S>) -> Self {
-        let size = sessions.len();
-        Self {
-            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
-            free: Mutex::new(Free { sessions: sessions.into_iter().enumerate().collect(), owned: 0 }),
-            returned: Condvar::new(),
-            size,
-        }
-    }
-
-    fn run<T>(&self, work: impl FnOnce(&mut S) -> T) -> T {
-        let known = OWN_SLOT.with(|own| own.borrow().iter().find(|(pool, _)| *pool == self.id).map(|&(_, slot)| slot));
-        let (slot, mut session) = {
-            let mut free = self.free.lock().expect("a session pool lock is never poisoned by its users");
-            let own = known.unwrap_or_else(|| {
-                let slot = (free.owned < self.size).then_some(free.owned);
-                free.owned += usize::from(slot.is_some());
-                OWN_SLOT.with(|own| own.borrow_mut().push((self.id, slot)));
-                slot
-            });
-            loop {
-                let position = free.sessions.iter().position(|&(slot, _)| Some(slot) == own);
-                if let Some(position) = position.or_else(|| free.sessions.len().checked_sub(1)) {
-                    break free.sessions.swap_remove(position);
-                }
-                free = self.returned.wait(free).expect("a session pool lock is never poisoned by its users");
-            }
-        };
-        let result = work(&mut session);
-        self.free.lock().expect("a session pool lock is never poisoned by its users").sessions.push((slot, session));
-        self.returned.notify_one();
-        result
-    }
 }
 
 impl Infer {
@@ -249,7 +194,7 @@ impl Infer {
 
         let constants: Vec<(String, ConstantConfig)> =
             config.constants.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let (model, first, masks) = if config.mc_dropout {
+        let (model, first, masks) = if config.mc_dropout || !config.inject_dropout.is_empty() {
             drop(first);
             let plan = dropout::MaskPlan {
                 threads,
@@ -257,26 +202,60 @@ impl Infer {
                 key_column: context.key_column,
                 graph_inputs: columns.iter().map(|input| (input.input.clone(), input.tensor.shape.clone())).collect(),
                 known,
+                mc_dropout: config.mc_dropout,
+                inject: config.inject_dropout.clone(),
                 batch_of_one,
             };
             let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
             let masked = dropout::mask_model(&model, plan, probe)
-                .map_err(|message| vec![context.problem("mc_dropout", message)])?;
+                .map_err(|error| vec![context.problem(&error.setting, error.message)])?;
             (masked.model, None, Some(masked.masks))
         } else {
             (model, Some(first), None)
         };
-        let mut sessions: Vec<Session> = first.into_iter().collect();
-        while sessions.len() < session_count {
-            let session = model.session(threads).map_err(|err| match masks {
-                Some(_) => vec![context.problem(
-                    "mc_dropout",
-                    format!("the model with its Dropout nodes rewritten into masks cannot be loaded: {err}"),
-                )],
-                None => vec![context.problem("model", err.to_string())],
-            })?;
-            sessions.push(session);
-        }
+        let copies = match &config.weight_noise {
+            Some(noise) => {
+                let count = weights::member_count(context).map_err(|problem| vec![problem])?;
+                Some(weights::ensemble(&model, noise, count, &name, context)?)
+            }
+            None => None,
+        };
+        let setting = match (&copies, &masks) {
+            (Some(_), _) => "weight_noise",
+            (None, Some(_)) if config.mc_dropout => "mc_dropout",
+            (None, Some(_)) => "inject_dropout",
+            (None, None) => "model",
+        };
+        let open = |model: &ModelFile, count: usize, first: Option<Session>| {
+            let mut sessions: Vec<Session> = first.into_iter().collect();
+            while sessions.len() < count {
+                let session = model.session(threads).map_err(|err| {
+                    let message = match setting {
+                        "model" => err.to_string(),
+                        _ => format!("the model rewritten for `{setting}` cannot be loaded: {err}"),
+                    };
+                    vec![context.problem(setting, message)]
+                })?;
+                sessions.push(session);
+            }
+            Ok::<_, Vec<ConfigProblem>>(SessionPool::new(sessions))
+        };
+        let (members, weight_noise, batch_size) = match copies {
+            // Each copy has one session unless `sessions` asks for more, as
+            // each session holds a copy of the weights. A run holds the
+            // batch's rows of one copy, so batches grow with the copies.
+            Some(ensemble) => {
+                let per_copy = config.sessions.unwrap_or(1);
+                let members = ensemble
+                    .members
+                    .iter()
+                    .map(|member| open(member, per_copy, None))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let batch_size = if batch_of_one { 1 } else { batch_size * members.len() };
+                (members, Some(ensemble.description), batch_size)
+            }
+            None => (vec![open(&model, session_count, first)?], None, batch_size),
+        };
 
         let mut schema = context.input.clone();
         for output in &outputs {
@@ -285,7 +264,8 @@ impl Infer {
         let stage = Self {
             name,
             model_sha256: model.sha256.clone(),
-            pool: SessionPool::new(sessions),
+            members,
+            concurrency: session_count,
             batch_size,
             columns,
             constants,
@@ -293,9 +273,53 @@ impl Infer {
             key_column: context.key_column.to_string(),
             schema: schema.clone(),
             dropout: masks,
+            weight_noise,
             batch_of_one,
         };
         Ok((Box::new(stage), schema))
+    }
+
+    /// Runs the model on the rows of `data`, each row on the copy of the
+    /// model for its sample index; returns one column per kept output.
+    fn run_rows(&self, data: &arrow::array::RecordBatch) -> Result<Vec<ArrayRef>, String> {
+        let [only] = self.members.as_slice() else {
+            return self.run_copies(data);
+        };
+        only.run(|session| self.run(session, data))
+    }
+
+    /// Runs each copy of the model on the rows of its sample index, and
+    /// puts the outputs back in row order.
+    fn run_copies(&self, data: &arrow::array::RecordBatch) -> Result<Vec<ArrayRef>, String> {
+        let samples = sample_indices(data);
+        let mut rows_of: Vec<Vec<u32>> = vec![Vec::new(); self.members.len()];
+        let mut places = Vec::with_capacity(samples.len());
+        for (row, &sample) in samples.iter().enumerate() {
+            let rows = rows_of.get_mut(sample as usize).ok_or_else(|| {
+                format!("sample index {sample} has no copy of the model; there are {} copies", self.members.len())
+            })?;
+            places.push((sample as usize, rows.len()));
+            rows.push(row as u32);
+        }
+        // The outputs of the copies that ran; `slot` maps a copy to them.
+        let mut outputs: Vec<Vec<ArrayRef>> = Vec::new();
+        let mut slot = vec![0; self.members.len()];
+        for (member, (pool, rows)) in self.members.iter().zip(&rows_of).enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let part = arrow::compute::take_record_batch(data, &UInt32Array::from(rows.clone()))
+                .map_err(|err| err.to_string())?;
+            slot[member] = outputs.len();
+            outputs.push(pool.run(|session| self.run(session, &part))?);
+        }
+        let places: Vec<(usize, usize)> = places.into_iter().map(|(member, row)| (slot[member], row)).collect();
+        (0..self.outputs.len())
+            .map(|index| {
+                let parts: Vec<&dyn Array> = outputs.iter().map(|columns| columns[index].as_ref()).collect();
+                arrow::compute::interleave(&parts, &places).map_err(|err| err.to_string())
+            })
+            .collect()
     }
 
     /// Runs the model on `rows` records of `data`; returns one column per kept output.
@@ -635,7 +659,7 @@ impl Stage for Infer {
     }
 
     fn concurrency(&self) -> usize {
-        self.pool.size
+        self.concurrency
     }
 
     fn keeps_rows(&self) -> bool {
@@ -653,7 +677,7 @@ impl Stage for Infer {
         if self.batch_of_one && batch.data.num_rows() > 1 {
             return self.process_one_by_one(batch);
         }
-        let whole = self.pool.run(|session| self.run(session, &batch.data));
+        let whole = self.run_rows(&batch.data);
         match whole {
             Ok(outputs) => {
                 batch.data = self.attach(&batch.data, outputs);
@@ -670,7 +694,14 @@ impl Stage for Infer {
         let mut provenance =
             BTreeMap::from([(format!("stochflow.model.{}.sha256", self.name), self.model_sha256.clone())]);
         if let Some(dropout) = &self.dropout {
-            provenance.insert(format!("stochflow.model.{}.mc_dropout", self.name), dropout.describe());
+            for (kind, setting) in [(SiteKind::Node, "mc_dropout"), (SiteKind::Injected, "inject_dropout")] {
+                if let Some(masks) = dropout.describe(kind) {
+                    provenance.insert(format!("stochflow.model.{}.{setting}", self.name), masks);
+                }
+            }
+        }
+        if let Some(noise) = &self.weight_noise {
+            provenance.insert(format!("stochflow.model.{}.weight_noise", self.name), noise.clone());
         }
         provenance
     }
@@ -684,7 +715,7 @@ impl Infer {
         let mut problems = Vec::with_capacity(rows);
         for row in 0..rows {
             let single = batch.data.slice(row, 1);
-            match self.pool.run(|session| self.run(session, &single)) {
+            match self.run_rows(&single) {
                 Ok(outputs) => {
                     parts.push(self.attach(&single, outputs));
                     problems.push(None);
@@ -704,38 +735,5 @@ impl Infer {
         batch.data = arrow::compute::concat_batches(&self.schema, &parts)
             .map_err(|err| StageError { stage: self.name.clone(), message: err.to_string() })?;
         Ok(batch)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_threads_keep_their_sessions() {
-        // Two threads take turns. Each session remembers the thread of its
-        // last run and counts the runs of another thread after it.
-        let pool = SessionPool::new(vec![(0u32, None), (0u32, None)]);
-        let turns = std::sync::Barrier::new(2);
-        std::thread::scope(|scope| {
-            for index in 0..2 {
-                let (pool, turns) = (&pool, &turns);
-                scope.spawn(move || {
-                    let me = std::thread::current().id();
-                    for round in 0..100 {
-                        turns.wait();
-                        if round % 2 == index {
-                            pool.run(|(switches, last): &mut (u32, Option<std::thread::ThreadId>)| {
-                                *switches += u32::from(last.is_some_and(|last| last != me));
-                                *last = Some(me);
-                            });
-                        }
-                    }
-                });
-            }
-        });
-        let free = pool.free.into_inner().unwrap();
-        assert_eq!(free.sessions.len(), 2);
-        assert!(free.sessions.iter().all(|(_, (switches, _))| *switches == 0), "a thread took the other's session");
     }
 }
