@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::datatypes::{Schema, SchemaRef};
 
 use crate::batch::SAMPLE_COLUMN;
-use crate::config::{ConfigError, ConfigProblem, LoadedConfig, SinkConfig};
+use crate::config::{ConfigError, ConfigProblem, LoadedConfig, SinkConfig, StageConfig};
 use crate::sink::ImageSink;
 use crate::source::{self, Source, SourceError};
 use crate::stage::{self, PlanContext, Stage};
@@ -134,6 +134,7 @@ pub fn plan_stages(
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());
     }
+    warn_fan_out_after_model_noise(&config.stages, &stages);
 
     let SinkConfig::ArrowFile(sink) = &config.sink;
     let names: Vec<String> = match &sink.columns {
@@ -184,6 +185,37 @@ pub fn plan_stages(
         channel_capacity: config.runtime.channel_capacity,
         images,
     })
+}
+
+/// Warns when a `repeat` stage comes after an `infer` stage that draws
+/// dropout masks or runs copies with weight noise. Such a model draws once
+/// per record, so the samples of the fan-out share its output: a spread
+/// measured over them leaves the model's randomness out.
+fn warn_fan_out_after_model_noise(configs: &[StageConfig], stages: &[Arc<dyn Stage>]) {
+    let mut noisy_model: Option<(&str, &str)> = None;
+    for (config, stage) in configs.iter().zip(stages) {
+        match config {
+            StageConfig::Infer(infer) if noisy_model.is_none() => {
+                noisy_model = if infer.weight_noise.is_some() {
+                    Some((stage.name(), "runs a copy of the model with weight noise"))
+                } else if infer.mc_dropout || !infer.inject_dropout.is_empty() {
+                    Some((stage.name(), "draws dropout masks"))
+                } else {
+                    None
+                };
+            }
+            StageConfig::Repeat(_) => {
+                if let Some((model, draws)) = noisy_model {
+                    tracing::warn!(
+                        "stage {model:?} {draws} once per record, and stage {:?} fans the records out after it, so all samples of a record share the model's output; put the `repeat` stage before {model:?} to draw once per sample",
+                        stage.name()
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Returns the name of the key column, or of the sample index column, when

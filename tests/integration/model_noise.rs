@@ -382,3 +382,26 @@ fn ensemble_pipeline_spreads_uncertain_digits() {
         mean_of(true)
     );
 }
+
+#[test]
+fn repeat_after_noisy_model_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bias_model(dir.path());
+    // The fan-out comes after the model instead of before it.
+    let yaml = pipeline(1, &model, 64, 10, 1, "    weight_noise: {std: 0.1}")
+        .replace("sink:", "  - {name: copies, kind: repeat, samples: 4}\nsink:");
+    let file = write_pipeline(dir.path(), "late.yaml", &yaml);
+    let outcome = stochflow(&["validate", file.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("stage \"net\" runs a copy of the model with weight noise once per record, and stage \"copies\" fans the records out after it"),
+        "{}",
+        outcome.stderr
+    );
+    // With the fan-out first, there is nothing to warn about.
+    let yaml = pipeline(1, &model, 64, 10, 4, "    weight_noise: {std: 0.1}");
+    let file = write_pipeline(dir.path(), "early.yaml", &yaml);
+    let outcome = stochflow(&["validate", file.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("WARN"), "{}", outcome.stderr);
+}
