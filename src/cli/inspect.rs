@@ -64,20 +64,42 @@ pub fn inspect(model_path: &Path, tensors: bool) -> anyhow::Result<ExitCode> {
 fn print_weights(graph: &GraphProto) {
     let float32: Vec<&proto::TensorProto> = graph.initializer.iter().filter(|t| t.data_type == Some(1)).collect();
     let values: i64 = float32.iter().map(|t| t.dims.iter().product::<i64>()).sum();
-    super::out!("initializers: {} ({} float32, with {values} values)", graph.initializer.len(), float32.len());
+    let perturbed = crate::model::weights::default_initializers(graph).len();
+    super::out!(
+        "initializers: {} (float32: {}, with {values} values; perturbed by weight_noise by default: {perturbed})",
+        graph.initializer.len(),
+        float32.len()
+    );
 }
 
-/// Lists the tensors computed by the main graph's nodes, in node order,
-/// with the node that computes each.
+/// Lists the initializers with their types and shapes, then the tensors
+/// computed by the main graph's nodes, in node order, with the node that
+/// computes each and, where the model records it, the tensor's type.
 fn print_tensors(graph: &GraphProto) {
+    super::out!("initializer tensors:");
+    for tensor in &graph.initializer {
+        let dims: Vec<String> = tensor.dims.iter().map(i64::to_string).collect();
+        super::out!(
+            "  {}  {}  [{}]",
+            tensor.name.as_deref().unwrap_or_default(),
+            proto::data_type_name(tensor.data_type.unwrap_or_default()),
+            dims.join(", ")
+        );
+    }
     let outputs: Vec<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    let known: HashMap<&str, &ValueInfoProto> =
+        graph.value_info.iter().chain(&graph.output).filter_map(|v| v.name.as_deref().map(|n| (n, v))).collect();
     super::out!("tensors computed by nodes:");
     for (index, node) in graph.node.iter().enumerate() {
         let op = node.op_type.as_deref().unwrap_or("?");
         let name = node.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("node {index}"));
         for output in node.output.iter().filter(|o| !o.is_empty()) {
+            let described = match known.get(output.as_str()) {
+                Some(value) => describe_value(value),
+                None => output.clone(),
+            };
             let note = if outputs.contains(&output.as_str()) { "  (model output)" } else { "" };
-            super::out!("  {output}  <- {op} {name}{note}");
+            super::out!("  {described}  <- {op} {name}{note}");
         }
     }
 }

@@ -60,8 +60,9 @@ enum Command {
     Inspect {
         /// The model file (.onnx).
         model: PathBuf,
-        /// Also list the tensors that the graph's nodes compute, the places
-        /// `inject_dropout` can name.
+        /// Also list the initializers (the weights `weight_noise` can name)
+        /// and the tensors that the graph's nodes compute (the places
+        /// `inject_dropout` can name).
         #[arg(long)]
         tensors: bool,
     },

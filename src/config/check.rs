@@ -203,6 +203,45 @@ fn check_stages(stages: &[Option<&StageConfig>]) -> Vec<ConfigProblem> {
                         "keep at least one model output, or leave `outputs` out to keep them all".into(),
                     );
                 }
+                for (tensor, ratio) in &c.inject_dropout {
+                    if !(0.0..1.0).contains(ratio) {
+                        push(
+                            format!("stages[{index}].inject_dropout.{tensor}"),
+                            format!(
+                                "the ratio of the dropout at tensor {tensor:?} is {ratio}; a ratio must be in [0, 1)"
+                            ),
+                        );
+                    }
+                }
+                if let Some(noise) = &c.weight_noise {
+                    if !noise.std.is_finite() || noise.std < 0.0 {
+                        push(
+                            at("weight_noise.std"),
+                            format!(
+                                "`std` is {}; the standard deviation of weight noise must be a finite number ≥ 0",
+                                noise.std
+                            ),
+                        );
+                    }
+                    match noise.initializers.as_deref() {
+                        Some([]) => push(
+                            at("weight_noise.initializers"),
+                            "`initializers` lists no initializer; name the weights to perturb, or remove the key to perturb every float32 initializer with more than one value".into(),
+                        ),
+                        Some(names) => {
+                            let mut seen = HashSet::new();
+                            for (position, name) in names.iter().enumerate() {
+                                if !seen.insert(name) {
+                                    push(
+                                        format!("stages[{index}].weight_noise.initializers[{position}]"),
+                                        format!("initializer {name:?} is listed twice; list each once"),
+                                    );
+                                }
+                            }
+                        }
+                        None => {}
+                    }
+                }
                 for (input, constant) in &c.constants {
                     let shape = constant.shape.clone().unwrap_or_else(|| vec![constant.values.len()]);
                     let expected: usize = shape.iter().product();

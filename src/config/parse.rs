@@ -277,9 +277,16 @@ fn failing_trail<T: DeserializeOwned>(
             _ => {}
         }
     }
-    // An error inside a `kind`-tagged section comes without a path.
-    if trail.is_empty() && !message.starts_with("missing field") {
-        trail = isolate::<T>(value, message).unwrap_or_default();
+    // An error inside a `kind`-tagged section comes without a path. Removing
+    // a nested mapping that lacks a key fixes the error, which finds the
+    // mapping. A key missing from the section itself stays at the section.
+    if trail.is_empty() {
+        let found = if message.starts_with("missing field") {
+            search::<T>(value, &mut Vec::new(), message)
+        } else {
+            isolate::<T>(value, message)
+        };
+        trail = found.unwrap_or_default();
     }
     // An unknown key is reported at the mapping that has it; point at the
     // key itself.
@@ -315,6 +322,16 @@ fn isolate<T: DeserializeOwned>(section: &Value, message: &str) -> Option<Vec<St
     search::<T>(section, &mut Vec::new(), message)
 }
 
+/// The keys that name the variant of an internally tagged enum.
+const TAG_KEYS: [&str; 2] = ["kind", "op"];
+
+fn required_key(step: &Step) -> &str {
+    match step {
+        Step::Key(key) => key,
+        Step::Index(_) => "",
+    }
+}
+
 /// Finds where in a section an error lies, for errors that serde reports
 /// without a path (values inside `kind`-tagged sections), as a trail of
 /// steps such as `aggregates`, `0`, `from`. A child is implicated when
@@ -340,9 +357,16 @@ fn search<T: DeserializeOwned>(section: &Value, trail: &mut Vec<Step>, message: 
             Step::Index(_) => String::new(),
         };
         let outcome = serde_yaml_ng::from_value::<T>(candidate).map_err(|err| plain_types(&err.to_string()));
+        // Serde reads every key of a mapping before it reports a missing
+        // one, so when removing a required child (other than an enum's
+        // tag, which is read first) leaves only that child missing, a bad
+        // value lay in the child.
+        let bad_required_value = message.starts_with("invalid")
+            && !TAG_KEYS.contains(&required_key(&child))
+            && outcome.as_ref().is_err_and(|other| other == &required || other.starts_with(&format!("{required} ")));
         let implicated = match &outcome {
             Ok(_) => true,
-            Err(other) => !missing && other != message && !other.starts_with(&required),
+            Err(other) => !missing && other != message && (!other.starts_with(&required) || bad_required_value),
         };
         let searchable = implicated || outcome.as_ref().is_err_and(|other| !missing && other.starts_with(&required));
         if !searchable {
@@ -508,10 +532,23 @@ fn plain_types(message: &str) -> String {
         ("expected f32", "expected a number"),
         (" as u128", ""),
         (" as i128", ""),
+        ("expected struct WeightNoiseConfig", "expected a mapping of weight-noise settings, such as `{std: 0.1}`"),
         // A key with nothing after its colon.
         ("invalid type: unit value, expected", "no value given, expected"),
     ] {
         text = text.replace(rust, plain);
+    }
+    // serde's word for a map of names, which "expected a mapping" also starts with.
+    if let Some(start) = text.find("expected a map")
+        && !text[start + 14..].starts_with(|c: char| c.is_alphabetic())
+    {
+        text.replace_range(start..start + 14, "expected a mapping of `name: value` entries");
+    }
+    // Other settings sections, by the name of their Rust type.
+    if let Some(start) = text.find("expected struct ") {
+        let name_end =
+            text[start + 16..].find(|c: char| !c.is_alphanumeric()).map_or(text.len(), |end| start + 16 + end);
+        text.replace_range(start..name_end, "expected a mapping of settings");
     }
     text
 }
@@ -703,6 +740,27 @@ mod tests {
         let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(paths, ["stages[1]"]);
         assert!(found[0].message.starts_with("missing field `column`"), "{}", found[0].message);
+    }
+
+    #[test]
+    fn bad_value_of_required_nested_key_is_located() {
+        let found = problems(&format!(
+            "{HEADER}stages:\n  - kind: infer\n    model: m.onnx\n    inputs: {{x: x}}\n    weight_noise:\n      std: abc\n"
+        ));
+        assert_eq!(found[0].path, "stages[0].weight_noise.std");
+        let found = problems(&format!(
+            "{HEADER}stages:\n  - {{kind: aggregate, aggregates: [{{op: mean, column: 5, output: m}}]}}\n"
+        ));
+        assert_eq!(found[0].path, "stages[0].aggregates[0].column");
+    }
+
+    #[test]
+    fn missing_nested_key_points_at_its_mapping() {
+        let found = problems(&format!(
+            "{HEADER}stages:\n  - kind: infer\n    model: m.onnx\n    inputs: {{x: x}}\n    weight_noise: {{relative: true}}\n"
+        ));
+        assert_eq!(found[0].path, "stages[0].weight_noise");
+        assert!(found[0].message.starts_with("missing field `std`"), "{}", found[0].message);
     }
 
     #[test]

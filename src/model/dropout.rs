@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use prost::Message;
 
-use super::proto::{AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, TensorProto};
+use super::proto::{AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use super::wire;
 
 /// The ratio of a Dropout node.
@@ -335,7 +335,7 @@ fn dropout_ratios(graph: &GraphProto, known: &HashMap<String, f32>) -> Result<Ve
 /// Checks that dropout can be injected at `tensor`: an activation of the
 /// main graph (a node's output or a graph input fed by the pipeline) that
 /// is not a model output.
-fn check_injection(graph: &GraphProto, tensor: &str, ratio: f32) -> Result<(), SiteError> {
+pub fn check_injection(graph: &GraphProto, tensor: &str, ratio: f32) -> Result<(), SiteError> {
     let fail = |message: String| SiteError::new(format!("inject_dropout.{tensor}"), message);
     if !(0.0..1.0).contains(&ratio) {
         return Err(fail(format!(
@@ -496,7 +496,8 @@ pub fn with_outputs(bytes: &[u8], names: &[String]) -> Result<Vec<u8>, String> {
     wire::rewrite_graph(bytes, |graph, out| {
         out.extend_from_slice(graph);
         for name in names {
-            wire::put_message(out, 12, &wire::float_value(name, None).encode_to_vec());
+            let untyped = ValueInfoProto { name: Some(name.clone()), r#type: None };
+            wire::put_message(out, 12, &untyped.encode_to_vec());
         }
         Ok(())
     })

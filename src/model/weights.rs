@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use prost::Message;
 
-use super::proto::{GraphProto, TensorProto};
+use super::proto::{GraphProto, NodeProto, TensorProto};
 use super::wire;
 use crate::rng::{StageRng, fill_standard_normal};
 
@@ -53,27 +53,34 @@ pub fn default_initializers(graph: &GraphProto) -> Vec<String> {
         .collect()
 }
 
-/// Checks that each name is a float32 initializer of the main graph, stored
-/// in the model file.
-pub fn check_initializers(graph: &GraphProto, names: &[String]) -> Result<(), String> {
-    let float32 = default_initializers(graph);
-    for name in names {
-        let Some(tensor) = graph.initializer.iter().find(|tensor| tensor.name.as_ref() == Some(name)) else {
-            let listed: Vec<&str> = float32.iter().take(12).map(String::as_str).collect();
-            let more = if float32.len() > listed.len() { ", ..." } else { "" };
-            return Err(format!(
-                "the model has no initializer {name:?}; its float32 initializers are {}{more} (`stochflow inspect MODEL` counts them)",
-                listed.join(", ")
-            ));
-        };
-        if tensor.data_type != Some(1) {
-            return Err(format!(
-                "initializer {name:?} holds {}; weight noise is added to float32 initializers only",
-                super::proto::data_type_name(tensor.data_type.unwrap_or_default())
-            ));
-        }
+/// Returns why weight noise cannot be added to the initializer `name`: the
+/// main graph has no such initializer, it is not float32, or only Dropout
+/// nodes read it (as their ratio or training flag).
+pub fn initializer_problem(graph: &GraphProto, name: &str) -> Option<String> {
+    let Some(tensor) = graph.initializer.iter().find(|tensor| tensor.name.as_deref() == Some(name)) else {
+        let float32: Vec<&str> =
+            graph.initializer.iter().filter(|t| t.data_type == Some(1)).filter_map(|t| t.name.as_deref()).collect();
+        let listed = float32.iter().take(12).copied().collect::<Vec<_>>().join(", ");
+        let more = if float32.len() > 12 { ", ..." } else { "" };
+        return Some(format!(
+            "the model has no initializer {name:?}; its float32 initializers are {listed}{more} (`stochflow inspect MODEL --tensors` lists them all)"
+        ));
+    };
+    if tensor.data_type != Some(1) {
+        return Some(format!(
+            "initializer {name:?} holds {}; weight noise is added to float32 initializers only",
+            super::proto::data_type_name(tensor.data_type.unwrap_or_default())
+        ));
     }
-    Ok(())
+    let readers: Vec<&NodeProto> =
+        graph.node.iter().filter(|node| node.input.iter().any(|input| input == name)).collect();
+    if !readers.is_empty() && readers.iter().all(|node| node.op_type.as_deref() == Some("Dropout")) {
+        let node = readers[0].name.as_deref().unwrap_or("Dropout");
+        return Some(format!(
+            "initializer {name:?} is an input of Dropout node {node:?} (its ratio), not a weight; remove it from `initializers`"
+        ));
+    }
+    None
 }
 
 /// Returns the model with noise added to the chosen initializers, for the
@@ -224,12 +231,15 @@ mod tests {
     }
 
     #[test]
-    fn unknown_initializer_is_named_with_the_float_ones() {
+    fn initializer_problems_are_named() {
         let graph = proto::decode(&fixture("mlp_digits.onnx")).unwrap().graph.unwrap();
-        let error = check_initializers(&graph, &[String::from("fc9.weight")]).unwrap_err();
+        let error = initializer_problem(&graph, "fc9.weight").unwrap();
         assert!(
             error.starts_with("the model has no initializer \"fc9.weight\"; its float32 initializers are "),
             "{error}"
         );
+        let error = initializer_problem(&graph, "dropout.ratio").unwrap();
+        assert!(error.starts_with("initializer \"dropout.ratio\" is an input of Dropout node \"dropout1\""), "{error}");
+        assert_eq!(initializer_problem(&graph, "fc1.weight"), None);
     }
 }

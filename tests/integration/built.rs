@@ -83,6 +83,7 @@ pub fn write(
             initializer: initializers,
             input: inputs,
             output: outputs,
+            value_info: Vec::new(),
         }),
         opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
     };

@@ -181,9 +181,13 @@ fn inspect_lists_the_tensors_to_inject_at() {
     let model = relu_model(dir.path(), 8);
     let outcome = stochflow(&["inspect", model.to_str().unwrap(), "--tensors"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    assert!(outcome.stdout.contains("initializers: 1 (1 float32, with 8 values)"), "{}", outcome.stdout);
     assert!(
-        outcome.stdout.contains("tensors computed by nodes:\n  r  <- Relu relu\n  y  <- Add bias  (model output)\n"),
+        outcome.stdout.contains("initializers: 1 (float32: 1, with 8 values; perturbed by weight_noise by default: 1)"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(
+        outcome.stdout.contains("initializer tensors:\n  b  float32  [8]\ntensors computed by nodes:\n  r  <- Relu relu\n  y  float32  [N, 8]  <- Add bias  (model output)\n"),
         "{}",
         outcome.stdout
     );
@@ -326,9 +330,19 @@ fn weight_noise_errors_name_the_setting() {
         ),
         (
             "{std: 0.1, initializers: [b3]}",
-            "stages[1].weight_noise.initializers: the model has no initializer \"b3\"; its float32 initializers are b1, b2",
+            "stages[1].weight_noise.initializers[0]: the model has no initializer \"b3\"; its float32 initializers are b1, b2",
         ),
         ("{std: 0.1, initializers: []}", "stages[1].weight_noise.initializers: `initializers` lists no initializer"),
+        (
+            "{std: 0.1, initializers: [b1, b1]}",
+            "stages[1].weight_noise.initializers[1]: initializer \"b1\" is listed twice",
+        ),
+        ("{relative: true}", "stages[1].weight_noise: missing field `std`"),
+        ("{std: abc}", "stages[1].weight_noise.std: invalid type: string \"abc\", expected a number"),
+        (
+            "0.1",
+            "stages[1].weight_noise: invalid type: floating point `0.1`, expected a mapping of weight-noise settings, such as `{std: 0.1}`",
+        ),
     ];
     for (i, (setting, message)) in cases.iter().enumerate() {
         let yaml = pipeline(1, &model, 64, 10, 2, &format!("    weight_noise: {setting}"));
@@ -404,4 +418,22 @@ fn repeat_after_noisy_model_warns() {
     let outcome = stochflow(&["validate", file.to_str().unwrap()]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     assert!(!outcome.stderr.contains("WARN"), "{}", outcome.stderr);
+}
+
+#[test]
+fn every_model_noise_problem_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = relu_model(dir.path(), 8);
+    let settings =
+        "    inject_dropout: {nowhere: 0.2, b: 0.1, y: 0.3}\n    weight_noise: {std: 0.1, initializers: [b, c]}";
+    let stderr = validate_fails(dir.path(), "several.yaml", &pipeline(1, &model, 8, 10, 1, settings));
+    for expected in [
+        "has 4 problems",
+        "stages[0].inject_dropout.nowhere: the model has no tensor",
+        "stages[0].inject_dropout.b: tensor \"b\" is a weight",
+        "stages[0].inject_dropout.y: tensor \"y\" is a model output",
+        "stages[0].weight_noise.initializers[1]: the model has no initializer \"c\"",
+    ] {
+        assert!(stderr.contains(expected), "{expected}:\n{stderr}");
+    }
 }

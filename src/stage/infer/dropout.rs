@@ -66,6 +66,16 @@ pub struct MaskPlan<'a> {
     pub batch_of_one: bool,
 }
 
+/// Checks each tensor that dropout is injected at, before anything runs,
+/// and returns every problem found.
+pub fn injection_problems(model: &ModelFile, inject: &BTreeMap<String, f32>) -> Vec<SiteError> {
+    let Ok(proto) = crate::model::proto::decode(&model.bytes) else {
+        return Vec::new();
+    };
+    let graph = proto.graph.unwrap_or_default();
+    inject.iter().filter_map(|(tensor, &ratio)| dropout::check_injection(&graph, tensor, ratio).err()).collect()
+}
+
 /// Rewrites `model` so that its Dropout nodes, and the tensors dropout is
 /// injected at, multiply by masks that the stage feeds. The per-record
 /// shape of each dropped tensor comes from runs

@@ -188,6 +188,16 @@ impl Infer {
                 },
             }
         }
+        if let Some(noise) = &config.weight_noise {
+            problems.extend(weights::model_problems(&model, noise, context));
+        }
+        if !config.inject_dropout.is_empty() {
+            problems.extend(
+                dropout::injection_problems(&model, &config.inject_dropout)
+                    .into_iter()
+                    .map(|error| context.problem(&error.setting, error.message)),
+            );
+        }
         if !problems.is_empty() {
             return Err(problems);
         }

@@ -2,7 +2,8 @@
 //! whose weights carry Gaussian noise ([`crate::model::weights`]), one copy
 //! per sample index.
 //!
-//! After a `repeat` stage with `samples: K`, sample `s` of every record runs
+//! After a fan-out into K samples (a `repeat` stage with `samples: K`, or
+//! a `sample` stage that draws K), sample `s` of every record runs
 //! on copy `s`, so each record goes through all K copies and the copies'
 //! spread shows in the samples. Without a fan-out, every record runs on
 //! copy 0: one perturbed model.
@@ -32,10 +33,36 @@ pub fn member_count(context: &PlanContext) -> Result<u32, ConfigProblem> {
         context.problem(
             "weight_noise",
             format!(
-                "the records carry a {SAMPLE_COLUMN:?} column that no `repeat` stage added, so the number of model copies is unknown; fan the records out with a `repeat` stage before this one"
+                "the records carry a {SAMPLE_COLUMN:?} column that no fan-out of this pipeline added, so the number of model copies is unknown; rename that column in the data, and fan the records out with a `repeat` stage before this one"
             ),
         )
     })
+}
+
+/// Checks the weight-noise settings against the model as its file has it:
+/// each named initializer exists, is float32 and is a weight rather than
+/// the ratio or training flag of a Dropout node, and the model has weights
+/// to perturb at all.
+pub fn model_problems(model: &ModelFile, config: &WeightNoiseConfig, context: &PlanContext) -> Vec<ConfigProblem> {
+    let Ok(proto) = crate::model::proto::decode(&model.bytes) else {
+        return vec![context.problem("model", "the model file is not a valid ONNX model (protobuf decoding failed)")];
+    };
+    let graph = proto.graph.unwrap_or_default();
+    match &config.initializers {
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .filter_map(|(position, name)| {
+                let message = weights::initializer_problem(&graph, name)?;
+                Some(context.problem(&format!("weight_noise.initializers[{position}]"), message))
+            })
+            .collect(),
+        None if weights::default_initializers(&graph).is_empty() => vec![context.problem(
+            "weight_noise",
+            "the model has no float32 initializer with more than one value, so it has no weights to perturb; name the initializers under `initializers`",
+        )],
+        None => Vec::new(),
+    }
 }
 
 /// Builds the perturbed copies of `model`. Their noise comes from the
@@ -48,50 +75,27 @@ pub fn ensemble(
     stage_name: &str,
     context: &PlanContext,
 ) -> Result<Ensemble, Vec<ConfigProblem>> {
-    let problem = |key: &str, message: String| vec![context.problem(&format!("weight_noise.{key}"), message)];
-    if !config.std.is_finite() || config.std < 0.0 {
-        return Err(problem(
-            "std",
-            format!("`std` is {}; the standard deviation of weight noise must be a finite number ≥ 0", config.std),
-        ));
-    }
+    let problem = |message: String| vec![context.problem("weight_noise", message)];
     let proto = crate::model::proto::decode(&model.bytes)
-        .map_err(|err| problem("std", format!("cannot read the model's graph: {err}")))?;
+        .map_err(|err| problem(format!("cannot read the model's graph: {err}")))?;
     let graph = proto.graph.unwrap_or_default();
     let initializers = match &config.initializers {
-        Some(names) if names.is_empty() => {
-            let message = "`initializers` lists no initializer; name the weights to perturb, or remove the key to perturb every float32 initializer with more than one value";
-            return Err(problem("initializers", message.to_string()));
-        }
-        Some(names) => {
-            weights::check_initializers(&graph, names).map_err(|message| problem("initializers", message))?;
-            names.clone()
-        }
+        Some(names) => names.clone(),
         None => weights::default_initializers(&graph),
     };
-    if initializers.is_empty() {
-        return Err(problem(
-            "std",
-            String::from(
-                "the model has no float32 initializer with more than one value, so it has no weights to perturb",
-            ),
-        ));
-    }
     let noise = WeightNoise { std: config.std, relative: config.relative, initializers };
     let rng = StageRng::new(context.seed, &format!("{stage_name}#weights"));
     let members = (0..members)
         .map(|member| {
-            let bytes = weights::with_noise(&model.bytes, &noise, &rng, member)
-                .map_err(|message| problem("initializers", message))?;
+            let bytes = weights::with_noise(&model.bytes, &noise, &rng, member).map_err(problem)?;
             Ok(ModelFile { path: model.path.clone(), bytes, sha256: model.sha256.clone() })
         })
         .collect::<Result<Vec<_>, Vec<ConfigProblem>>>()?;
-    let weights: usize = members.iter().map(|member| member.bytes.len()).sum();
     tracing::info!(
         stage = stage_name,
         copies = members.len(),
-        megabytes = weights / 1_000_000,
-        "built the copies of the model with weight noise"
+        model_bytes = model.bytes.len(),
+        "built the copies of the model with weight noise; each copy's session holds its own weights"
     );
     // The std's shortest decimal form, such as 0.1 rather than 0.10000000149.
     let std: f64 = config.std.to_string().parse().unwrap_or(f64::from(config.std));
