@@ -5,12 +5,16 @@
 
 use std::io::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::ProgressBar;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Whether log lines are JSON objects.
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Format of log lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -25,9 +29,30 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("STOCHFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn,stochflow=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(BarAwareWriter).with_target(false);
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
+}
+
+/// Prints a line for the user on standard error: as it is with text logs,
+/// or as a log event with JSON logs, so that standard error stays one JSON
+/// object per line.
+pub fn notice(line: &str) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// Prints an error for the user on standard error, as [`notice`] does.
+pub fn error(line: &str) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::error!("{line}");
+    } else {
+        eprintln!("error: {line}");
     }
 }
 

@@ -92,7 +92,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            logging::error(&format!("{err:#}"));
             ExitCode::from(1)
         }
     }

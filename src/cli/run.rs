@@ -46,7 +46,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     if let Some(code) = stops.as_mut().and_then(|stops| stops.next().now_or_never()) {
         // Dropping the sink removes its partial file.
         drop(sink);
-        eprintln!("stop signal received before the first record was read: stopped, no output written");
+        super::logging::notice("stop signal received before the first record was read: stopped, no output written");
         return Ok(ExitCode::from(code));
     }
     tracing::info!(pipeline = %pipeline_file.display(), seed = loaded.config.seed, output = %sink_config.path.display(), "run started");
@@ -103,12 +103,12 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
     );
     // Standard output carries the data when it is the output.
     if to_stdout {
-        eprintln!("{line}");
+        super::logging::notice(&line);
     } else {
         super::out!("{line}");
     }
     if summary.interrupted {
-        eprintln!("interrupted: the output contains the records read before the stop signal");
+        super::logging::notice("interrupted: the output contains the records read before the stop signal");
         return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));
     }
     if summary.rejected > 0 {
@@ -121,7 +121,10 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
                 runtime::REJECTION_LOG_EVERY
             )
         };
-        eprintln!("{} skipped; the log above {named} (exit code 2)", count(summary.rejected, "record"));
+        super::logging::notice(&format!(
+            "{} skipped; the log above {named} (exit code 2)",
+            count(summary.rejected, "record")
+        ));
         return Ok(ExitCode::from(super::EXIT_SKIPPED));
     }
     Ok(ExitCode::SUCCESS)

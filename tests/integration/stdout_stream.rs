@@ -143,3 +143,27 @@ fn terminal_output_is_rejected() {
         "{stderr}"
     );
 }
+
+#[test]
+fn json_logs_keep_standard_error_json() {
+    let pipeline = repo("pipelines/digits.yaml");
+    let streamed = Command::new(env!("CARGO_BIN_EXE_stochflow"))
+        .args(["--log-format", "json", "run", pipeline.to_str().unwrap(), "--output", "-"])
+        .output()
+        .unwrap();
+    assert!(streamed.status.success(), "{}", String::from_utf8_lossy(&streamed.stderr));
+    let stderr = String::from_utf8(streamed.stderr).unwrap();
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+        .collect();
+    let summary = events.last().unwrap()["fields"]["message"].as_str().unwrap();
+    assert!(summary.starts_with("read 450 records, wrote 450 records"), "{summary}");
+
+    // An error is a JSON event too.
+    let outcome = stochflow(&["--log-format", "json", "run", "missing.yaml"]);
+    assert_eq!(outcome.code, 1);
+    let event: serde_json::Value = serde_json::from_str(outcome.stderr.trim()).unwrap();
+    assert_eq!(event["level"], "ERROR");
+    assert!(event["fields"]["message"].as_str().unwrap().starts_with("cannot read pipeline file missing.yaml"));
+}
