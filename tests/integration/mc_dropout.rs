@@ -376,3 +376,31 @@ fn ratio_from_a_constant_input() {
     let zeros = zero_fraction(&read_arrow(&output).1);
     assert!((zeros - 0.8).abs() < 0.036, "{zeros} of the elements dropped at ratio 0.8");
 }
+
+#[test]
+fn bool_output_without_outputs_key_is_reported_at_model() {
+    use built::*;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mask_out.onnx");
+    let mut mask = value("mask", &[None, Some(8)]);
+    mask.r#type.as_mut().unwrap().tensor_type.as_mut().unwrap().elem_type = Some(9);
+    write(
+        &model,
+        vec![node("Dropout", &["x"], &["y", "mask"], Some("drop"))],
+        vec![value("x", &[None, Some(8)])],
+        vec![value("y", &[None, Some(8)]), mask],
+        Vec::new(),
+    );
+    let yaml = built_pipeline(&model, 8, "");
+    let line = yaml.lines().position(|line| line.trim_start().starts_with("model:")).unwrap() + 1;
+    let pipeline = write_pipeline(dir.path(), "bool.yaml", &yaml);
+    let outcome = stochflow(&["validate", pipeline.to_str().unwrap()]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(&format!(
+            ":{line}:5: stages[0].model: model output \"mask\" is bool; stochflow keeps float32 and int64 outputs; list the outputs to keep under `outputs`, without \"mask\""
+        )),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -184,6 +184,11 @@ impl Infer {
                 )),
                 Some(info) => match check_output(info, column, &key, context) {
                     Ok(kept) => outputs.push(kept),
+                    // Without `outputs`, every output is kept, and the file has no key to point at.
+                    Err(problem) if config.outputs.is_none() => problems.push(context.problem(
+                        "model",
+                        format!("{}; list the outputs to keep under `outputs`, without {output:?}", problem.message),
+                    )),
                     Err(problem) => problems.push(problem),
                 },
             }
