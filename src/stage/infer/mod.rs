@@ -261,11 +261,20 @@ impl Infer {
             // batch's rows of one copy, so batches grow with the copies.
             Some(ensemble) => {
                 let per_copy = config.sessions.unwrap_or(1);
-                let members = ensemble
-                    .members
-                    .iter()
-                    .map(|member| open(member, per_copy, None))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut members = Vec::with_capacity(ensemble.count as usize);
+                for member in 0..ensemble.count {
+                    let copy = ensemble
+                        .member(&model, member)
+                        .map_err(|message| vec![context.problem("weight_noise", message)])?;
+                    members.push(open(&copy, per_copy, None)?);
+                }
+                tracing::info!(
+                    stage = %name,
+                    copies = members.len(),
+                    sessions_per_copy = per_copy,
+                    model_bytes = model.bytes.len(),
+                    "opened the copies of the model with weight noise; each session holds its own weights"
+                );
                 let batch_size = if batch_of_one { 1 } else { batch_size * members.len() };
                 (members, Some(ensemble.description), batch_size)
             }

@@ -16,11 +16,22 @@ use crate::model::weights::{self, WeightNoise};
 use crate::rng::StageRng;
 use crate::stage::sample::SAMPLES_METADATA;
 
-/// The perturbed copies of a model, and their description for the output's
-/// metadata.
+/// The plan of the perturbed copies of a model, and its description for
+/// the output's metadata. Copies are built one at a time, so that only the
+/// sessions keep their weights.
 pub struct Ensemble {
-    pub members: Vec<ModelFile>,
+    noise: WeightNoise,
+    rng: StageRng,
+    pub count: u32,
     pub description: String,
+}
+
+impl Ensemble {
+    /// Builds copy `member` of `model`.
+    pub fn member(&self, model: &ModelFile, member: u32) -> Result<ModelFile, String> {
+        let bytes = weights::with_noise(&model.bytes, &self.noise, &self.rng, member)?;
+        Ok(ModelFile { path: model.path.clone(), bytes, sha256: model.sha256.clone() })
+    }
 }
 
 /// Returns the number of copies: the samples per record of the fan-out
@@ -65,46 +76,36 @@ pub fn model_problems(model: &ModelFile, config: &WeightNoiseConfig, context: &P
     }
 }
 
-/// Builds the perturbed copies of `model`. Their noise comes from the
+/// Plans the perturbed copies of `model`. Their noise comes from the
 /// streams of the stage name with `#weights` appended, apart from the
 /// streams the stage draws dropout masks from.
 pub fn ensemble(
     model: &ModelFile,
     config: &WeightNoiseConfig,
-    members: u32,
+    count: u32,
     stage_name: &str,
     context: &PlanContext,
 ) -> Result<Ensemble, Vec<ConfigProblem>> {
-    let problem = |message: String| vec![context.problem("weight_noise", message)];
     let proto = crate::model::proto::decode(&model.bytes)
-        .map_err(|err| problem(format!("cannot read the model's graph: {err}")))?;
+        .map_err(|err| vec![context.problem("weight_noise", format!("cannot read the model's graph: {err}"))])?;
     let graph = proto.graph.unwrap_or_default();
     let initializers = match &config.initializers {
         Some(names) => names.clone(),
         None => weights::default_initializers(&graph),
     };
-    let noise = WeightNoise { std: config.std, relative: config.relative, initializers };
-    let rng = StageRng::new(context.seed, &format!("{stage_name}#weights"));
-    let members = (0..members)
-        .map(|member| {
-            let bytes = weights::with_noise(&model.bytes, &noise, &rng, member).map_err(problem)?;
-            Ok(ModelFile { path: model.path.clone(), bytes, sha256: model.sha256.clone() })
-        })
-        .collect::<Result<Vec<_>, Vec<ConfigProblem>>>()?;
-    tracing::info!(
-        stage = stage_name,
-        copies = members.len(),
-        model_bytes = model.bytes.len(),
-        "built the copies of the model with weight noise; each copy's session holds its own weights"
-    );
     // The std's shortest decimal form, such as 0.1 rather than 0.10000000149.
     let std: f64 = config.std.to_string().parse().unwrap_or(f64::from(config.std));
     let description = serde_json::json!({
         "std": std,
         "relative": config.relative,
-        "members": members.len(),
-        "initializers": noise.initializers,
+        "members": count,
+        "initializers": initializers,
     })
     .to_string();
-    Ok(Ensemble { members, description })
+    Ok(Ensemble {
+        noise: WeightNoise { std: config.std, relative: config.relative, initializers },
+        rng: StageRng::new(context.seed, &format!("{stage_name}#weights")),
+        count,
+        description,
+    })
 }
