@@ -66,9 +66,10 @@ fn print_weights(graph: &GraphProto) {
     let values: i64 = float32.iter().map(|t| t.dims.iter().product::<i64>()).sum();
     let perturbed = crate::model::weights::default_initializers(graph).len();
     super::out!(
-        "initializers: {} (float32: {}, with {values} values; perturbed by weight_noise by default: {perturbed})",
+        "initializers: {} (float32: {}, with {values} value{}; perturbed by weight_noise by default: {perturbed})",
         graph.initializer.len(),
-        float32.len()
+        float32.len(),
+        if values == 1 { "" } else { "s" }
     );
 }
 

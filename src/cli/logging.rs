@@ -47,6 +47,15 @@ pub fn notice(line: &str) {
     }
 }
 
+/// Prints a warning for the user on standard error, as [`notice`] does.
+pub fn warning(line: &str) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::warn!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
 /// Prints an error for the user on standard error, as [`notice`] does.
 pub fn error(line: &str) {
     if JSON.load(Ordering::Relaxed) {

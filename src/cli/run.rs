@@ -108,7 +108,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         super::out!("{line}");
     }
     if summary.interrupted {
-        super::logging::notice("interrupted: the output contains the records read before the stop signal");
+        super::logging::warning("interrupted: the output contains the records read before the stop signal");
         return Ok(ExitCode::from(stop_code.load(Ordering::Relaxed)));
     }
     if summary.rejected > 0 {
@@ -121,7 +121,7 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
                 runtime::REJECTION_LOG_EVERY
             )
         };
-        super::logging::notice(&format!(
+        super::logging::warning(&format!(
             "{} skipped; the log above {named} (exit code 2)",
             count(summary.rejected, "record")
         ));

@@ -532,6 +532,7 @@ fn plain_types(message: &str) -> String {
         ("expected f32", "expected a number"),
         (" as u128", ""),
         (" as i128", ""),
+        ("expected a sequence", "expected a list"),
         ("expected struct WeightNoiseConfig", "expected a mapping of weight-noise settings, such as `{std: 0.1}`"),
         // A key with nothing after its colon.
         ("invalid type: unit value, expected", "no value given, expected"),

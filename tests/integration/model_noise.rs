@@ -437,3 +437,60 @@ fn every_model_noise_problem_is_listed() {
         assert!(stderr.contains(expected), "{expected}:\n{stderr}");
     }
 }
+
+#[test]
+fn every_dropped_tensor_problem_is_listed() {
+    use stochflow::model::proto::AttributeProto;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("odd.onnx");
+    // `to` of a Cast node, as an integer attribute (AttributeType 2).
+    let cast = |input: &str, output: &str, to: i64| {
+        let mut cast = node("Cast", &[input], &[output], Some(output));
+        cast.attribute.push(AttributeProto {
+            name: Some(String::from("to")),
+            i: Some(to),
+            r#type: Some(2),
+            ..Default::default()
+        });
+        cast
+    };
+    built::write(
+        &model,
+        vec![
+            cast("x", "xd", 11),
+            cast("xd", "xf", 1),
+            node("Transpose", &["xf"], &["xt"], Some("turn")),
+            node("Transpose", &["xt"], &["y"], Some("back")),
+        ],
+        vec![value("x", &[None, Some(8)])],
+        vec![value("y", &[None, Some(8)])],
+        Vec::new(),
+    );
+    let yaml = pipeline(1, &model, 8, 10, 1, "    inject_dropout: {xd: 0.1, xt: 0.1}");
+    let stderr = validate_fails(dir.path(), "odd.yaml", &yaml);
+    for expected in [
+        "has 2 problems",
+        "stages[0].inject_dropout.xd: the dropout injected at tensor \"xd\" drops elements of \"xd\", which is not a float32 tensor",
+        "stages[0].inject_dropout.xt: the dropout injected at tensor \"xt\" drops elements of \"xt\", whose first dimension is not the batch: its shape for 2 records is [8, 2]",
+    ] {
+        assert!(stderr.contains(expected), "{expected}:\n{stderr}");
+    }
+}
+
+#[test]
+fn output_with_fixed_first_dimension_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("pair.onnx");
+    built::write(
+        &model,
+        vec![node("Relu", &["x"], &["y"], Some("relu")), node("Identity", &["c"], &["pair"], Some("copy"))],
+        vec![value("x", &[None, Some(4)])],
+        vec![value("y", &[None, Some(4)]), value("pair", &[Some(2)])],
+        vec![float_tensor("c", &[2], vec![2.0, 8.0])],
+    );
+    let stderr = validate_fails(dir.path(), "pair.yaml", &pipeline(1, &model, 4, 10, 1, ""));
+    assert!(
+        stderr.contains("stages[0].model: model output \"pair\" has shape [2], whose first dimension is fixed at 2, so it is not the batch"),
+        "{stderr}"
+    );
+}

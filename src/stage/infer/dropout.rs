@@ -87,14 +87,15 @@ pub fn mask_model(
     model: &ModelFile,
     plan: MaskPlan<'_>,
     probe_inputs: impl Fn(usize) -> Result<Vec<(String, SessionInputValue<'static>)>, String>,
-) -> Result<MaskedModel, SiteError> {
+) -> Result<MaskedModel, Vec<SiteError>> {
     let MaskPlan { threads, rng, key_column, graph_inputs, known, mc_dropout, inject, batch_of_one } = plan;
     // Problems that concern no site in particular.
     let setting = if mc_dropout { "mc_dropout" } else { "inject_dropout" };
-    let general = |message: String| SiteError { setting: setting.to_string(), message };
+    let general = |message: String| vec![SiteError { setting: setting.to_string(), message }];
     let proto = crate::model::proto::decode(&model.bytes)
         .map_err(|err| general(format!("cannot read the model's graph: {err}")))?;
-    let sites = dropout::mask_sites(&proto, &MaskRequest { mc_dropout, inject: &inject, known: &known })?;
+    let sites = dropout::mask_sites(&proto, &MaskRequest { mc_dropout, inject: &inject, known: &known })
+        .map_err(|error| vec![error])?;
     let outputs: Vec<String> =
         proto.graph.as_ref().map(|g| g.output.iter().filter_map(|o| o.name.clone()).collect()).unwrap_or_default();
     let mut probed: Vec<String> = Vec::new();
@@ -115,23 +116,39 @@ pub fn mask_model(
     })?;
     let probe_rows: &[usize] = if batch_of_one { &[1] } else { &[2, 3] };
     let mut shapes: Vec<Option<Vec<usize>>> = vec![None; sites.len()];
+    // Problems of each site, all reported together.
+    let mut problems: Vec<Option<SiteError>> = vec![None; sites.len()];
     for &rows in probe_rows {
         let results = session.run(probe_inputs(rows).map_err(general)?).map_err(|err| {
             general(format!(
                 "running the model on {rows} records of zeros to find the shapes of its dropped tensors failed: {err}"
             ))
         })?;
-        for (site, found) in sites.iter().zip(shapes.iter_mut()) {
+        for ((site, found), problem) in sites.iter().zip(shapes.iter_mut()).zip(problems.iter_mut()) {
+            if problem.is_some() {
+                continue;
+            }
             let shape = match graph_inputs.get(&site.input) {
                 Some(shape) => shape.clone(),
-                None => per_record_shape(site, &results[site.input.as_str()], rows)?,
+                None => match per_record_shape(site, &results[site.input.as_str()], rows) {
+                    Ok(shape) => shape,
+                    Err(error) => {
+                        *problem = Some(error);
+                        continue;
+                    }
+                },
             };
             if let Some(earlier) = found.as_ref().filter(|earlier| **earlier != shape) {
                 let change = format!("after the first dimension it is {earlier:?} for 2 records and {shape:?} for 3");
-                return Err(not_batch_first(site, &change));
+                *problem = Some(not_batch_first(site, &change));
+                continue;
             }
             *found = Some(shape);
         }
+    }
+    let problems: Vec<SiteError> = problems.into_iter().flatten().collect();
+    if !problems.is_empty() {
+        return Err(problems);
     }
     let shapes: Vec<Vec<usize>> = shapes.into_iter().map(Option::unwrap_or_default).collect();
     drop(session);
@@ -174,7 +191,8 @@ fn per_record_shape(site: &MaskSite, value: &ort::value::DynValue, rows: usize) 
     let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     match dims.split_first() {
         Some((&first, rest)) if first == rows => Ok(rest.to_vec()),
-        _ => Err(not_batch_first(site, &format!("its shape for {rows} records is {dims:?}"))),
+        Some(_) => Err(not_batch_first(site, &format!("its shape for {rows} records is {dims:?}"))),
+        None => Err(not_batch_first(site, "it is a scalar")),
     }
 }
 

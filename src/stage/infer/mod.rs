@@ -222,8 +222,9 @@ impl Infer {
                 batch_of_one,
             };
             let probe = |rows: usize| zero_inputs(&columns, &constants, rows);
-            let masked = dropout::mask_model(&model, plan, probe)
-                .map_err(|error| vec![context.problem(&error.setting, error.message)])?;
+            let masked = dropout::mask_model(&model, plan, probe).map_err(|errors| {
+                errors.into_iter().map(|error| context.problem(&error.setting, error.message)).collect::<Vec<_>>()
+            })?;
             (masked.model, None, Some(masked.masks))
         } else {
             (model, Some(first), None)
@@ -663,9 +664,19 @@ fn check_output(
             ));
         }
     };
-    let Some((_, per_record)) = info.dims.split_first() else {
+    let Some((first, per_record)) = info.dims.split_first() else {
         return Err(context.problem(key, format!("model output {:?} is a scalar, not one value per record", info.name)));
     };
+    if let Some(size) = first.filter(|&size| size > 1) {
+        return Err(context.problem(
+            key,
+            format!(
+                "model output {:?} has shape {}, whose first dimension is fixed at {size}, so it is not the batch; stochflow keeps outputs with one row per record",
+                info.name,
+                info.shape_text()
+            ),
+        ));
+    }
     let shape: Option<Vec<usize>> = per_record.iter().copied().collect();
     let Some(shape) = shape else {
         return Err(context.problem(key, format!("model output {:?} has shape {} with a dynamic dimension after the batch; stochflow needs a fixed per-record shape", info.name, info.shape_text())));
