@@ -40,28 +40,30 @@ pub fn init(format: LogFormat) {
 /// or as a log event with JSON logs, so that standard error stays one JSON
 /// object per line.
 pub fn notice(line: &str) {
-    if JSON.load(Ordering::Relaxed) {
-        tracing::info!("{line}");
-    } else {
-        eprintln!("{line}");
-    }
+    user_line(tracing::Level::INFO, line);
 }
 
 /// Prints a warning for the user on standard error, as [`notice`] does.
 pub fn warning(line: &str) {
-    if JSON.load(Ordering::Relaxed) {
-        tracing::warn!("{line}");
-    } else {
-        eprintln!("{line}");
-    }
+    user_line(tracing::Level::WARN, line);
 }
 
-/// Prints an error for the user on standard error, as [`notice`] does.
+/// Prints an error for the user on standard error, as [`notice`] does,
+/// after `error: ` in text.
 pub fn error(line: &str) {
-    if JSON.load(Ordering::Relaxed) {
+    user_line(tracing::Level::ERROR, line);
+}
+
+fn user_line(level: tracing::Level, line: &str) {
+    if !JSON.load(Ordering::Relaxed) {
+        let prefix = if level == tracing::Level::ERROR { "error: " } else { "" };
+        eprintln!("{prefix}{line}");
+    } else if level == tracing::Level::ERROR {
         tracing::error!("{line}");
+    } else if level == tracing::Level::WARN {
+        tracing::warn!("{line}");
     } else {
-        eprintln!("error: {line}");
+        tracing::info!("{line}");
     }
 }
 

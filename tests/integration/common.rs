@@ -213,3 +213,46 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, variance.sqrt())
 }
+
+/// Runs a shipped pipeline that classifies each of the 450 held-out digits
+/// several times and summarizes the copies in one row, and checks what such
+/// a pipeline promises: no warnings, one row per digit, a vote accuracy
+/// above 0.95, a spread of the logits for every digit, and more mutual
+/// information on the digits the vote gets wrong. Returns the schema.
+pub fn check_digit_uncertainty(dir: &Path, pipeline: &str) -> SchemaRef {
+    let output = dir.join("summary.arrow");
+    let outcome = stochflow(&["run", repo(pipeline).to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("WARN"), "the run logged warnings:\n{}", outcome.stderr);
+
+    let (schema, batches) = read_arrow(&output);
+    assert_eq!(rows(&batches), 450);
+    let labels = int64(&batches, "label");
+    let votes = int32(&batches, "class_vote");
+    let correct: Vec<bool> = labels.iter().zip(&votes).map(|(&l, &v)| l == i64::from(v)).collect();
+    let accuracy = correct.iter().filter(|&&c| c).count() as f64 / 450.0;
+    assert!(accuracy > 0.95, "accuracy of the vote {accuracy}");
+
+    let information: Vec<f32> = batches
+        .iter()
+        .flat_map(|batch| {
+            let column = batch.column_by_name("mutual_information").unwrap();
+            column.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()
+        })
+        .collect();
+    let mean_of = |wanted: bool| {
+        let values: Vec<f64> =
+            information.iter().zip(&correct).filter(|(_, c)| **c == wanted).map(|(&v, _)| f64::from(v)).collect();
+        values.iter().sum::<f64>() / values.len() as f64
+    };
+    // The copies disagree more on the digits the vote gets wrong.
+    assert!(
+        mean_of(false) > 3.0 * mean_of(true),
+        "mutual information: wrong {}, right {}",
+        mean_of(false),
+        mean_of(true)
+    );
+    let spread = tensor_f32(&batches, "logits_std");
+    assert!(spread.iter().all(|&s| s > 0.0), "a digit's copies gave equal logits");
+    schema
+}
