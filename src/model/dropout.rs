@@ -181,7 +181,7 @@ fn constant_float(node: &NodeProto) -> Option<f32> {
     node.attribute.iter().find(|a| a.name.as_deref() == Some("value_float")).and_then(|a| a.f)
 }
 
-/// Where a mask multiplies a tensor.
+/// The kind of place a mask multiplies a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteKind {
     /// A Dropout node of the model, replaced by the multiplication.
@@ -218,7 +218,7 @@ impl MaskSite {
         }
     }
 
-    /// The pipeline setting that asked for the site, as a key under the stage.
+    /// Returns the pipeline setting that requested the site, as a key under the stage.
     pub fn setting(&self) -> String {
         match self.kind {
             SiteKind::Node => String::from("mc_dropout"),
@@ -241,7 +241,7 @@ impl SiteError {
     }
 }
 
-/// What the masks of a stage are asked for.
+/// The request for the masks of a stage.
 pub struct MaskRequest<'a> {
     /// Whether the model's own Dropout nodes are kept active.
     pub mc_dropout: bool,
@@ -280,13 +280,13 @@ pub fn mask_sites(model: &ModelProto, request: &MaskRequest<'_>) -> Result<Vec<M
     Ok(sites)
 }
 
-/// Returns `base`, with underscores added until no name in `taken` has it,
+/// Returns `base`, with underscores added until no name in `used` has it,
 /// and marks it taken.
-fn fresh(taken: &mut HashSet<String>, mut base: String) -> String {
-    while taken.contains(&base) {
+fn fresh(used: &mut HashSet<String>, mut base: String) -> String {
+    while used.contains(&base) {
         base.push('_');
     }
-    taken.insert(base.clone());
+    used.insert(base.clone());
     base
 }
 
@@ -362,8 +362,8 @@ pub fn check_injection(graph: &GraphProto, tensor: &str, ratio: f32) -> Result<(
     Ok(())
 }
 
-/// Returns the model with each site's mask applied: a rewritten Dropout
-/// node becomes `Mul(input, mask)`; for injected dropout, `Mul(tensor,
+/// Returns the model with each site's mask applied. A rewritten Dropout
+/// node becomes `Mul(input, mask)`. For injected dropout, `Mul(tensor,
 /// mask)` follows the node that computes the tensor (or comes first, for a
 /// graph input), and the nodes that read the tensor read the product. The
 /// masks are added as float32 inputs of shape `[N, shape...]`, where
@@ -481,7 +481,7 @@ pub fn with_masks(bytes: &[u8], sites: &[MaskSite], shapes: &[Vec<usize>]) -> Re
     })
 }
 
-/// Whether a node of the graph (given as its fields) computes `tensor`.
+/// Returns whether a node of the graph (given as its fields) computes `tensor`.
 fn produced_by_a_node(fields: &[wire::Field<'_>], tensor: &str) -> bool {
     fields
         .iter()

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use prost::Message;
 
-use super::proto::{GraphProto, NodeProto, TensorProto};
+use super::proto::{GraphProto, TensorProto};
 use super::wire;
 use crate::rng::{StageRng, fill_standard_normal};
 
@@ -58,10 +58,9 @@ pub fn default_initializers(graph: &GraphProto) -> Vec<String> {
 /// nodes read it (as their ratio or training flag).
 pub fn initializer_problem(graph: &GraphProto, name: &str) -> Option<String> {
     let Some(tensor) = graph.initializer.iter().find(|tensor| tensor.name.as_deref() == Some(name)) else {
-        let float32: Vec<&str> =
-            graph.initializer.iter().filter(|t| t.data_type == Some(1)).filter_map(|t| t.name.as_deref()).collect();
-        let listed = float32.iter().take(12).copied().collect::<Vec<_>>().join(", ");
-        let more = if float32.len() > 12 { ", ..." } else { "" };
+        let nameable = nameable_initializers(graph);
+        let listed = nameable.iter().take(12).cloned().collect::<Vec<_>>().join(", ");
+        let more = if nameable.len() > 12 { ", ..." } else { "" };
         return Some(format!(
             "the model has no initializer {name:?}; its float32 initializers are {listed}{more} (`stochflow inspect MODEL --tensors` lists them all)"
         ));
@@ -72,15 +71,32 @@ pub fn initializer_problem(graph: &GraphProto, name: &str) -> Option<String> {
             super::proto::data_type_name(tensor.data_type.unwrap_or_default())
         ));
     }
-    let readers: Vec<&NodeProto> =
-        graph.node.iter().filter(|node| node.input.iter().any(|input| input == name)).collect();
-    if !readers.is_empty() && readers.iter().all(|node| node.op_type.as_deref() == Some("Dropout")) {
-        let node = readers[0].name.as_deref().unwrap_or("Dropout");
+    if read_by_dropout_only(graph, name) {
+        let node = graph.node.iter().find(|node| node.input.iter().any(|input| input == name));
+        let node = node.and_then(|node| node.name.as_deref()).unwrap_or("Dropout");
         return Some(format!(
             "initializer {name:?} is an input of Dropout node {node:?} (its ratio), not a weight; remove it from `initializers`"
         ));
     }
     None
+}
+
+/// Returns whether nodes read the tensor `name`, all of them Dropout nodes.
+fn read_by_dropout_only(graph: &GraphProto, name: &str) -> bool {
+    let mut readers = graph.node.iter().filter(|node| node.input.iter().any(|input| input == name)).peekable();
+    readers.peek().is_some() && readers.all(|node| node.op_type.as_deref() == Some("Dropout"))
+}
+
+/// Lists the float32 initializers that weight noise can perturb: all but
+/// the ratios of Dropout nodes.
+pub fn nameable_initializers(graph: &GraphProto) -> Vec<String> {
+    graph
+        .initializer
+        .iter()
+        .filter(|tensor| tensor.data_type == Some(1))
+        .filter_map(|tensor| tensor.name.clone())
+        .filter(|name| !read_by_dropout_only(graph, name))
+        .collect()
 }
 
 /// Returns the model with noise added to the chosen initializers, for the
@@ -241,5 +257,6 @@ mod tests {
         let error = initializer_problem(&graph, "dropout.ratio").unwrap();
         assert!(error.starts_with("initializer \"dropout.ratio\" is an input of Dropout node \"dropout1\""), "{error}");
         assert_eq!(initializer_problem(&graph, "fc1.weight"), None);
+        assert!(!nameable_initializers(&graph).contains(&String::from("dropout.ratio")));
     }
 }

@@ -215,10 +215,10 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 }
 
 /// Runs a shipped pipeline that classifies each of the 450 held-out digits
-/// several times and summarizes the copies in one row, and checks what such
-/// a pipeline promises: no warnings, one row per digit, a vote accuracy
-/// above 0.95, a spread of the logits for every digit, and more mutual
-/// information on the digits the vote gets wrong. Returns the schema.
+/// several times and summarizes the copies in one row. Checks no warnings,
+/// one row per digit, a vote accuracy above 0.95, a spread of the logits for
+/// every digit, and more mutual information on wrongly voted digits.
+/// Returns the schema.
 pub fn check_digit_uncertainty(dir: &Path, pipeline: &str) -> SchemaRef {
     let output = dir.join("summary.arrow");
     let outcome = stochflow(&["run", repo(pipeline).to_str().unwrap(), "--output", output.to_str().unwrap()]);

@@ -343,7 +343,7 @@ fn ratio_from_a_constant_input() {
 }
 
 #[test]
-fn bool_output_without_outputs_key_is_reported_at_model() {
+fn bool_output_reported_at_model() {
     use built::*;
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("mask_out.onnx");

@@ -18,7 +18,7 @@ fn relu_model(dir: &Path, width: usize) -> PathBuf {
 }
 
 /// Writes `h = x + b1`, `y = h + b2` on 64 values, with `b1` all zeros and
-/// `b2` all twos; both `h` and `y` are outputs, so the noise on each bias
+/// `b2` all twos. Both `h` and `y` are outputs, so the noise on each bias
 /// can be read back from them.
 fn bias_model(dir: &Path) -> PathBuf {
     let path = dir.join("biases.onnx");
@@ -137,7 +137,7 @@ fn dropout_injected_at_a_model_input() {
     let output = run_ok(dir.path(), "input", &pipeline(4, &model, 64, 500, 1, "    inject_dropout: {x: 0.25}"));
     let batches = read_arrow(&output).1;
     let (z, y) = (tensor_f32(&batches, "z"), tensor_f32(&batches, "y"));
-    // The column keeps its values; the model sees them dropped.
+    // The column keeps its values, and the model reads them dropped.
     assert!(z.iter().all(|&v| (1.0..=2.0).contains(&v)));
     let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
     // 32,000 elements: the standard error of the fraction is 0.0024.
@@ -222,7 +222,7 @@ fn differences(batches: &[arrow::array::RecordBatch], later: &str, earlier: &str
 }
 
 #[test]
-fn weight_noise_is_gaussian_and_shared_by_a_copy() {
+fn weight_noise_gaussian_per_copy() {
     let dir = tempfile::tempdir().unwrap();
     let model = bias_model(dir.path());
     let output = run_ok(dir.path(), "copies", &pipeline(3, &model, 64, 30, 40, "    weight_noise: {std: 0.1}"));
@@ -298,7 +298,7 @@ fn relative_noise_on_chosen_weights() {
 }
 
 #[test]
-fn seed_changes_the_weights_and_one_copy_without_fan_out() {
+fn weight_noise_seed_and_single_copy() {
     let dir = tempfile::tempdir().unwrap();
     let model = bias_model(dir.path());
     let noise_of = |seed: u64| {
@@ -452,6 +452,19 @@ fn output_with_fixed_first_dimension_is_rejected() {
     let stderr = validate_fails(dir.path(), "pair.yaml", &pipeline(1, &model, 4, 10, 1, ""));
     assert!(
         stderr.contains("stages[0].model: model output \"pair\" has shape [2], whose first dimension is fixed at 2, so it is not the batch"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn weight_noise_without_weights_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    // The model's only initializer is a Dropout node's ratio.
+    let model = repo("fixtures/models/dropout_pair.onnx");
+    let stderr =
+        validate_fails(dir.path(), "none.yaml", &pipeline(1, &model, 64, 10, 1, "    weight_noise: {std: 0.1}"));
+    assert!(
+        stderr.contains("stages[0].weight_noise: the model has no float32 weights, so weight noise does not apply to it; remove `weight_noise`"),
         "{stderr}"
     );
 }

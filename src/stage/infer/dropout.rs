@@ -242,7 +242,7 @@ impl DropoutMasks {
 
     /// Describes the masks of one kind for the output's metadata, as a JSON
     /// object from node name (or tensor name, for injected dropout) to
-    /// ratio; `None` when there are none of that kind.
+    /// ratio. Returns `None` when there are none of that kind.
     pub fn describe(&self, kind: SiteKind) -> Option<String> {
         let nodes: serde_json::Map<String, serde_json::Value> = self
             .masks

@@ -11,8 +11,8 @@
 //! the records that fail are rejected.
 //!
 //! With `mc_dropout`, the model's Dropout nodes stay active, and with
-//! `inject_dropout`, dropout is added at named tensors; either way the
-//! masks are drawn by the stage ([`dropout`]).
+//! `inject_dropout`, dropout is added at named tensors. Either way the
+//! stage draws the masks ([`dropout`]).
 
 mod dropout;
 mod pool;
@@ -257,8 +257,8 @@ impl Infer {
             Ok::<_, Vec<ConfigProblem>>(SessionPool::new(sessions))
         };
         let (members, weight_noise, batch_size) = match copies {
-            // Each copy has one session unless `sessions` asks for more, as
-            // each session holds a copy of the weights. A run holds the
+            // Each copy has one session unless `sessions` sets more, because
+            // each session contains a copy of the weights. A run holds the
             // batch's rows of one copy, so batches grow with the copies.
             Some(ensemble) => {
                 let per_copy = config.sessions.unwrap_or(1);
@@ -305,7 +305,7 @@ impl Infer {
     }
 
     /// Runs the model on the rows of `data`, each row on the copy of the
-    /// model for its sample index; returns one column per kept output.
+    /// model for its sample index. Returns one column per kept output.
     fn run_rows(&self, data: &arrow::array::RecordBatch) -> Result<Vec<ArrayRef>, String> {
         let [only] = self.members.as_slice() else {
             return self.run_copies(data);

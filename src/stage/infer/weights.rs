@@ -4,8 +4,8 @@
 //!
 //! After a fan-out into K samples (a `repeat` stage with `samples: K`, or
 //! a `sample` stage that draws K), sample `s` of every record runs
-//! on copy `s`, so each record goes through all K copies and the copies'
-//! spread shows in the samples. Without a fan-out, every record runs on
+//! on copy `s`. Each record thus goes through all K copies, and the
+//! copies' spread shows in the samples. Without a fan-out, every record runs on
 //! copy 0: one perturbed model.
 
 use super::PlanContext;
@@ -50,10 +50,9 @@ pub fn member_count(context: &PlanContext) -> Result<u32, ConfigProblem> {
     })
 }
 
-/// Checks the weight-noise settings against the model as its file has it:
-/// each named initializer exists, is float32 and is a weight rather than
-/// the ratio or training flag of a Dropout node, and the model has weights
-/// to perturb at all.
+/// Checks the weight-noise settings against the model file. Each named
+/// initializer must exist, be float32 and be a weight rather than a Dropout
+/// node's ratio, and the model must have weights to perturb.
 pub fn model_problems(model: &ModelFile, config: &WeightNoiseConfig, context: &PlanContext) -> Vec<ConfigProblem> {
     let Ok(proto) = crate::model::proto::decode(&model.bytes) else {
         return vec![context.problem("model", "the model file is not a valid ONNX model (protobuf decoding failed)")];
@@ -68,10 +67,20 @@ pub fn model_problems(model: &ModelFile, config: &WeightNoiseConfig, context: &P
                 Some(context.problem(&format!("weight_noise.initializers[{position}]"), message))
             })
             .collect(),
-        None if weights::default_initializers(&graph).is_empty() => vec![context.problem(
-            "weight_noise",
-            "the model has no float32 initializer with more than one value, so it has no weights to perturb; name the initializers under `initializers`",
-        )],
+        None if weights::default_initializers(&graph).is_empty() => {
+            let nameable = weights::nameable_initializers(&graph);
+            let message = if nameable.is_empty() {
+                String::from(
+                    "the model has no float32 weights, so weight noise does not apply to it; remove `weight_noise`",
+                )
+            } else {
+                format!(
+                    "the model has no float32 initializer with more than one value, so weight noise has no weights to perturb by default; name the scalar weights to perturb under `initializers` ({})",
+                    nameable.join(", ")
+                )
+            };
+            vec![context.problem("weight_noise", message)]
+        }
         None => Vec::new(),
     }
 }
