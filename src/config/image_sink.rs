@@ -33,8 +33,7 @@ fn default_bit_depth() -> u8 {
 
 /// Checks `sink.images`; no problems when the section is absent.
 pub fn check(sink: &SinkConfig) -> Vec<ConfigProblem> {
-    let SinkConfig::ArrowFile(sink) = sink;
-    let Some(images) = &sink.images else {
+    let Some(images) = sink.arrow_file().and_then(|sink| sink.images.as_ref()) else {
         return Vec::new();
     };
     let mut problems = Vec::new();

@@ -135,8 +135,10 @@ pub fn load(file: &Path, seed: Option<u64>, output: Option<&Path>) -> Result<Loa
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
     resolve_paths(&mut config, &base);
     if let Some(output) = output {
-        let SinkConfig::ArrowFile(sink) = &mut config.sink;
-        sink.path = output.to_path_buf();
+        // `stochflow run` rejects other sinks once the file is loaded.
+        if let SinkConfig::ArrowFile(sink) = &mut config.sink {
+            sink.path = output.to_path_buf();
+        }
     }
 
     let problems = super::check::check(&config);
@@ -175,13 +177,16 @@ fn resolve_paths(config: &mut PipelineConfig, base: &Path) {
                 c.listen = format!("unix:{}", path.display());
             }
         }
+        SourceConfig::Nats(_) => {}
     }
     for stage in &mut config.stages {
         if let StageConfig::Infer(c) = stage {
             resolve(&mut c.model);
         }
     }
-    let SinkConfig::ArrowFile(sink) = &mut config.sink;
+    let SinkConfig::ArrowFile(sink) = &mut config.sink else {
+        return;
+    };
     if !crate::sink::is_stdout(&sink.path) {
         resolve(&mut sink.path);
     }
@@ -197,8 +202,10 @@ fn fingerprint(config: &PipelineConfig) -> String {
     let mut value = serde_json::to_value(config).expect("a pipeline config always serializes");
 
     remove_keys(&mut value, &["runtime", "daemon"]);
-    remove_keys(&mut value["source"], &["batch_size"]);
-    remove_keys(&mut value["sink"], &["path", "rows_per_batch"]);
+    // The server, the consumer and its settings decide who processes a
+    // message, not what comes out of it.
+    remove_keys(&mut value["source"], &["batch_size", "url", "consumer", "ack_wait_ms", "fetch"]);
+    remove_keys(&mut value["sink"], &["path", "rows_per_batch", "url", "stream", "subject", "dead_letter_subject"]);
     // Writing out zstd's default level, or 0, which zstd reads as its
     // default, is the same as leaving the level out.
     if value["sink"]["compression_level"]

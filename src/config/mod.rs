@@ -12,6 +12,7 @@ mod image_sink;
 mod latent;
 mod load;
 mod locate;
+mod nats;
 mod noise;
 mod parse;
 mod repeat;
@@ -31,16 +32,17 @@ pub use latent::{
 };
 pub use load::{ConfigError, ConfigProblem, LoadedConfig, load};
 pub use locate::Locator;
+pub use nats::subjects_overlap;
 pub use noise::{AddNoiseConfig, NoiseKind};
 pub use repeat::RepeatConfig;
 pub use sampling::{
     AggregateConfig, AggregateOp, Distribution, EntropyAggregate, MomentAggregate, SampleConfig, SampleFrom,
     VoteAggregate,
 };
-pub use sink::{ArrowFileSinkConfig, Compression, SinkConfig};
+pub use sink::{ArrowFileSinkConfig, Compression, NatsSinkConfig, SinkConfig};
 pub use source::{
-    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NpySourceConfig, SocketSourceConfig, SourceConfig,
-    TensorShapeConfig, WatchSourceConfig,
+    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NatsSourceConfig, NpySourceConfig, SocketSourceConfig,
+    SourceConfig, TensorShapeConfig, WatchSourceConfig,
 };
 pub use stage::{
     ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,

@@ -21,6 +21,9 @@ pub enum SourceConfig {
     /// Arrow IPC streams sent to a loopback TCP port or a Unix socket
     /// (daemon only).
     Socket(SocketSourceConfig),
+    /// Messages of a NATS JetStream stream, each an Arrow IPC stream, read
+    /// through a durable consumer that several daemons share (daemon only).
+    Nats(NatsSourceConfig),
 }
 
 impl SourceConfig {
@@ -32,6 +35,7 @@ impl SourceConfig {
             SourceConfig::Latent(_) => "latent",
             SourceConfig::Watch(_) => "watch",
             SourceConfig::Socket(_) => "socket",
+            SourceConfig::Nats(_) => "nats",
         }
     }
 
@@ -42,13 +46,13 @@ impl SourceConfig {
             SourceConfig::Npy(c) => c.batch_size,
             SourceConfig::Latent(c) => c.batch_size,
             SourceConfig::Watch(c) => c.read.batch_size(),
-            SourceConfig::Socket(_) => 1,
+            SourceConfig::Socket(_) | SourceConfig::Nats(_) => 1,
         }
     }
 
     /// Returns whether the source never ends, so only `stochflow daemon` can run it.
     pub fn is_endless(&self) -> bool {
-        matches!(self, SourceConfig::Watch(_) | SourceConfig::Socket(_))
+        matches!(self, SourceConfig::Watch(_) | SourceConfig::Socket(_) | SourceConfig::Nats(_))
     }
 }
 
@@ -93,6 +97,51 @@ pub struct SocketSourceConfig {
     /// Columns to read as tensors, with their per-row shape, as in `arrow_file`.
     #[serde(default)]
     pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSourceConfig {
+    /// The NATS server, such as `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The JetStream stream that holds the input messages; created, capturing
+    /// `subject`, when it does not exist.
+    pub stream: String,
+    /// The subject the input messages are published to.
+    pub subject: String,
+    /// The durable pull consumer that the daemons share; created when it
+    /// does not exist.
+    #[serde(default = "default_consumer")]
+    pub consumer: String,
+    /// How long the server waits for a message's acknowledgement before it
+    /// hands the message to another daemon, when the consumer is created.
+    #[serde(default = "default_ack_wait_ms")]
+    pub ack_wait_ms: u64,
+    /// Messages fetched from the server at a time.
+    #[serde(default = "default_fetch", deserialize_with = "super::count::count")]
+    pub fetch: usize,
+    /// Column that contains the record key (integer or string). When absent,
+    /// the key is `STREAM:SEQUENCE:ROW`.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// Columns to read, in this order; all columns when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Columns to read as tensors, with their per-row shape, as in `arrow_file`.
+    #[serde(default)]
+    pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
+}
+
+fn default_consumer() -> String {
+    String::from("stochflow")
+}
+
+fn default_ack_wait_ms() -> u64 {
+    60_000
+}
+
+fn default_fetch() -> usize {
+    8
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

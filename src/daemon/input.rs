@@ -1,4 +1,5 @@
-//! The daemon's input: a watched directory or a socket.
+//! The daemon's input: a watched directory, a socket or a NATS JetStream
+//! consumer.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -10,23 +11,26 @@ use crate::batch::Batch;
 use crate::config::SourceConfig;
 use crate::sink::KeepUnit;
 use crate::sink::checkpoint::Checkpoint;
-use crate::source::{SocketSource, SourceError, WatchSource};
+use crate::source::{NatsSource, SocketSource, SourceError, Unacked, WatchSource};
 
 pub enum Input {
     Watch(Box<WatchSource>),
     Socket(SocketSource),
+    Nats(Box<NatsSource>),
 }
 
 impl Input {
-    /// Opens the configured input: checks the directory, or binds the socket.
-    pub fn open(config: &SourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
+    /// Opens the configured input: checks the directory, binds the socket,
+    /// or connects to the NATS server.
+    pub async fn open(config: &SourceConfig, durable: watch::Receiver<Arc<Checkpoint>>) -> Result<Self, SourceError> {
         match config {
             SourceConfig::Watch(c) => Ok(Input::Watch(Box::new(WatchSource::new(c, durable)?))),
             SourceConfig::Socket(c) => Ok(Input::Socket(SocketSource::new(c, durable)?)),
+            SourceConfig::Nats(c) => Ok(Input::Nats(Box::new(NatsSource::connect(c).await?))),
             other => Err(SourceError::Config {
                 path: String::from("source.kind"),
                 message: format!(
-                    "the daemon reads from a `watch` or `socket` source, not {}; use `stochflow run` for a finite source",
+                    "the daemon reads from a `watch`, `socket` or `nats` source, not {}; use `stochflow run` for a finite source",
                     other.kind()
                 ),
             }),
@@ -38,6 +42,7 @@ impl Input {
         match self {
             Input::Watch(_) => "watch",
             Input::Socket(_) => "socket",
+            Input::Nats(_) => "nats",
         }
     }
 
@@ -46,6 +51,8 @@ impl Input {
         match self {
             Input::Watch(source) => source.keeps_unit(),
             Input::Socket(source) => source.keeps_unit(),
+            // The NATS input keeps no checkpoint.
+            Input::Nats(_) => Box::new(|_, _| false),
         }
     }
 
@@ -54,6 +61,7 @@ impl Input {
         match self {
             Input::Watch(source) => source.set_schema_check(check),
             Input::Socket(source) => source.set_schema_check(check),
+            Input::Nats(source) => source.set_schema_check(check),
         }
     }
 
@@ -66,6 +74,7 @@ impl Input {
         match self {
             Input::Watch(source) => source.wait_for_schema(durable, stop),
             Input::Socket(source) => source.wait_for_schema(durable, stop),
+            Input::Nats(source) => source.wait_for_schema(stop),
         }
     }
 
@@ -80,14 +89,35 @@ impl Input {
         match self {
             Input::Watch(source) => source.run(durable, output, stop, on_records),
             Input::Socket(source) => source.run(durable, output, stop, on_records),
+            Input::Nats(source) => source.run(output, stop, on_records),
+        }
+    }
+
+    /// Returns the messages waiting for their acknowledgement, for a NATS
+    /// input.
+    pub fn unacked(&self) -> Option<Unacked> {
+        match self {
+            Input::Nats(source) => Some(source.unacked()),
+            _ => None,
+        }
+    }
+
+    /// Returns the consumer's ack wait, for a NATS input.
+    pub fn ack_wait(&self) -> Option<std::time::Duration> {
+        match self {
+            Input::Nats(source) => Some(source.ack_wait()),
+            _ => None,
         }
     }
 
     /// Closes the input after the last commit. A socket source first sends
-    /// each connection an ack for what that commit made durable.
+    /// each connection an ack for what that commit made durable; a NATS
+    /// source hands the messages it did not finish back to the server.
     pub async fn close(self) {
-        if let Input::Socket(source) = self {
-            source.close().await;
+        match self {
+            Input::Socket(source) => source.close().await,
+            Input::Nats(source) => source.close().await,
+            Input::Watch(_) => {}
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::batch::Batch;
 use crate::config::{self, ConfigProblem, LoadedConfig, SinkConfig};
 use crate::runtime::{self, ChainOptions, PlannedStages, RunError, StageObserver, error_chain};
 use crate::sink::checkpoint::{self, Checkpoint};
-use crate::sink::{FileCompression, FileFormat, RotatingSink, SinkError};
+use crate::sink::{FileCompression, FileFormat, NatsOutput, NatsSink, RotatingSink, SinkError};
+use crate::source::Unacked;
 
 /// Exit code of a stop whose drain did not finish in time.
 const EXIT_DRAIN_TIMEOUT: u8 = 1;
@@ -43,7 +44,10 @@ enum Control {
 struct Shared {
     pipeline_file: PathBuf,
     seed: Option<u64>,
-    output_dir: PathBuf,
+    /// The output directory, unless the output goes to NATS.
+    output_dir: Option<PathBuf>,
+    /// The NATS output, when the sink is `nats`.
+    nats: Option<Arc<NatsOutput>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     durable: watch::Sender<Arc<Checkpoint>>,
@@ -62,13 +66,16 @@ enum Next {
 /// Runs the daemon until a stop signal; returns 0 after a clean drain.
 pub fn run(pipeline_file: &Path, seed: Option<u64>) -> anyhow::Result<ExitCode> {
     let loaded = load(pipeline_file, seed)?;
-    let SinkConfig::ArrowFile(sink) = &loaded.config.sink;
+    let Some(sink) = loaded.config.sink.arrow_file() else {
+        // Output to NATS leaves no files to lock or recover.
+        return serve(pipeline_file, seed, loaded, None, Arc::new(AtomicBool::new(false)));
+    };
     let output_dir = sink.path.clone();
     let new_dir = !output_dir.exists();
     // Held until the process exits: recovery removes other writers' files.
     let _lock = lock_output(&output_dir)?;
     let started = Arc::new(AtomicBool::new(false));
-    let result = serve(pipeline_file, seed, loaded, output_dir.clone(), started.clone());
+    let result = serve(pipeline_file, seed, loaded, Some(output_dir.clone()), started.clone());
     if result.is_err() && !started.load(Ordering::SeqCst) {
         undo_start(&output_dir, new_dir);
     }
@@ -82,14 +89,22 @@ fn serve(
     pipeline_file: &Path,
     seed: Option<u64>,
     loaded: LoadedConfig,
-    output_dir: PathBuf,
+    output_dir: Option<PathBuf>,
     started: Arc<AtomicBool>,
 ) -> anyhow::Result<ExitCode> {
-    let checkpoint = checkpoint::recover(&output_dir)?;
+    let checkpoint = match &output_dir {
+        Some(dir) => checkpoint::recover(dir)?,
+        None => Checkpoint::new(),
+    };
+    let output = match (&output_dir, &loaded.config.sink) {
+        (Some(dir), _) => dir.display().to_string(),
+        (None, SinkConfig::Nats(nats)) => format!("{} on {}", nats.subject, nats.url),
+        (None, other) => other.kind().to_string(),
+    };
     tracing::info!(
         pipeline = %pipeline_file.display(),
         seed = loaded.config.seed,
-        output = %output_dir.display(),
+        output = %output,
         next_file = checkpoint.next_file,
         units_durable = checkpoint.units.len(),
         "daemon starting"
@@ -98,10 +113,24 @@ fn serve(
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
         let (durable, durable_rx) = watch::channel(Arc::new(checkpoint.clone()));
+        let as_config_error = |err: crate::source::SourceError, default_key: &str| {
+            anyhow::anyhow!(loaded.error(vec![ConfigProblem::new(
+                err.config_path().unwrap_or(default_key),
+                error_chain(&err)
+            )]))
+        };
+        let input = Input::open(&loaded.config.source, durable_rx).await.map_err(|err| as_config_error(err, "source.path"))?;
+        let nats = match (&loaded.config.sink, input.ack_wait()) {
+            (SinkConfig::Nats(sink), Some(ack_wait)) => Some(Arc::new(
+                NatsOutput::connect(sink, ack_wait).await.map_err(|err| as_config_error(err, "sink.url"))?,
+            )),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             pipeline_file: pipeline_file.to_path_buf(),
             seed,
             output_dir,
+            nats,
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new()),
             durable,
@@ -110,11 +139,6 @@ fn serve(
         });
         let (control_tx, control) = mpsc::channel(4);
         tokio::spawn(watch_signals(control_tx));
-        let input = Input::open(&loaded.config.source, durable_rx).map_err(|err| {
-            anyhow::anyhow!(
-                loaded.error(vec![ConfigProblem::new(err.config_path().unwrap_or("source.path"), error_chain(&err))])
-            )
-        })?;
         let http_server = match &loaded.config.daemon.http {
             Some(address) => {
                 let address: SocketAddr = address.parse().expect("the address is checked when the file is loaded");
@@ -202,10 +226,14 @@ async fn supervise(
         match next {
             Next::Stop => {
                 input.close().await;
-                tracing::info!(
-                    next_file = checkpoint.next_file,
-                    "daemon stopped after committing every record it read"
-                );
+                if shared.output_dir.is_some() {
+                    tracing::info!(
+                        next_file = checkpoint.next_file,
+                        "daemon stopped after committing every record it read"
+                    );
+                } else {
+                    tracing::info!("daemon stopped after storing the output of every message it read");
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             Next::Reload(reloaded) => {
@@ -277,13 +305,13 @@ async fn run_generation(
     key_column: &str,
 ) -> anyhow::Result<(Input, Checkpoint, Next)> {
     let config = &loaded.config;
-    let SinkConfig::ArrowFile(sink_config) = &config.sink;
     let stop = Arc::new(AtomicBool::new(false));
     let capacity = planned.channel_capacity;
     let (source_tx, source_rx) = mpsc::channel::<Batch>(capacity);
     let intake_depth = source_tx.downgrade();
 
     let keep_unit = input.keeps_unit();
+    let unacked = input.unacked();
     let mut source_task = {
         let stop = stop.clone();
         let metrics = shared.metrics.clone();
@@ -306,16 +334,30 @@ async fn run_generation(
         observer: Some(observer),
     };
     let sink_rx = runtime::spawn_stages(&mut tasks, &planned.stages, planned.stage_inputs.clone(), source_rx, &options);
+    let (codec, level) = config.sink.compression();
     let format = FileFormat {
         schema: planned.output_schema.clone(),
         projection: planned.projection.clone(),
-        compression: FileCompression { codec: sink_config.compression, level: sink_config.compression_level },
-        rows_per_batch: sink_config.rows_per_batch,
+        compression: FileCompression { codec, level },
+        rows_per_batch: config.sink.arrow_file().map_or(usize::MAX, |sink| sink.rows_per_batch),
     };
-    let mut sink =
-        RotatingSink::new(&shared.output_dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
-    sink.prune_units(keep_unit);
-    let sink_task = tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth, flush_request));
+    let sink_task = match (&shared.nats, &shared.output_dir, unacked) {
+        (Some(target), _, Some(unacked)) => {
+            let sink = NatsSink::new(format, &planned.key_column);
+            let (target, shared) = (target.clone(), shared.clone());
+            tokio::spawn(async move {
+                run_nats_sink(sink, sink_rx, target, unacked, shared).await?;
+                Ok(checkpoint)
+            })
+        }
+        (_, Some(dir), _) => {
+            let mut sink =
+                RotatingSink::new(dir, format, config.daemon.rotate.clone(), checkpoint, &planned.key_column);
+            sink.prune_units(keep_unit);
+            tokio::spawn(run_sink(sink, sink_rx, shared.clone(), intake_depth, flush_request))
+        }
+        _ => unreachable!("a daemon writes to a directory, or to NATS from a NATS input"),
+    };
 
     // Run until a stop, an accepted reload or a failure.
     let mut next = None;
@@ -434,22 +476,7 @@ async fn run_sink(
             }
         };
         let Some(batch) = received else { break };
-        for rejected in &batch.rejected {
-            rejections += 1;
-            if runtime::is_rejection_logged(rejections) {
-                tracing::warn!(
-                    record = %rejected.key,
-                    origin = rejected.origin.as_deref().unwrap_or(""),
-                    stage = %rejected.component,
-                    reason = %rejected.reason,
-                    rejected_so_far = rejections,
-                    "record rejected; it goes to the dead letters"
-                );
-            }
-            if rejections == runtime::REJECTION_LOG_LIMIT {
-                tracing::warn!("further rejected records are logged once every {}", runtime::REJECTION_LOG_EVERY);
-            }
-        }
+        log_rejections(&batch, &mut rejections);
         shared.metrics.queue_depth("sink", input.len());
         if let Some(intake) = intake.upgrade() {
             shared.metrics.queue_depth("intake", intake.max_capacity() - intake.capacity());
@@ -466,6 +493,107 @@ async fn run_sink(
     }
     commit(&mut sink, &shared).await;
     Ok(sink.durable().clone())
+}
+
+/// Logs rejected records one by one up to a limit, then one in many.
+fn log_rejections(batch: &Batch, rejections: &mut u64) {
+    for rejected in &batch.rejected {
+        *rejections += 1;
+        if runtime::is_rejection_logged(*rejections) {
+            tracing::warn!(
+                record = %rejected.key,
+                origin = rejected.origin.as_deref().unwrap_or(""),
+                stage = %rejected.component,
+                reason = %rejected.reason,
+                rejected_so_far = *rejections,
+                "record rejected; it goes to the dead letters"
+            );
+        }
+        if *rejections == runtime::REJECTION_LOG_LIMIT {
+            tracing::warn!("further rejected records are logged once every {}", runtime::REJECTION_LOG_EVERY);
+        }
+    }
+}
+
+/// Receives the pipeline's output and, as each input message completes,
+/// publishes its output and dead letters to NATS, then acknowledges the
+/// message. A failed publication is retried, with input paused meanwhile
+/// by the full channels, as for a failed commit.
+async fn run_nats_sink(
+    mut sink: NatsSink,
+    mut input: mpsc::Receiver<Batch>,
+    target: Arc<NatsOutput>,
+    unacked: Unacked,
+    shared: Arc<Shared>,
+) -> Result<(), SinkError> {
+    let mut rejections = 0u64;
+    while let Some(batch) = input.recv().await {
+        log_rejections(&batch, &mut rejections);
+        shared.metrics.queue_depth("sink", input.len());
+        for unit in sink.write(batch) {
+            let name = unit.unit.clone();
+            let published = publish_until_stored(&sink, &target, unit, &shared).await;
+            for stage in &published.dead_letters {
+                shared.metrics.dead_lettered(stage, 1);
+            }
+            shared.metrics.records_written(published.records, published.rows);
+            for (kind, bytes) in &published.messages {
+                shared.metrics.file_committed(kind, *bytes);
+            }
+            tracing::info!(
+                input = %name,
+                records = published.records,
+                rows = published.rows,
+                dead_letters = published.dead_letters.len(),
+                already_stored = published.duplicate,
+                "output stored"
+            );
+            match unacked.take(&name) {
+                Some(message) => {
+                    if let Err(err) = message.double_ack().await {
+                        tracing::warn!(input = %name, error = %err, "cannot acknowledge the message; the server hands it out again, and its output, already stored, is not written twice");
+                    }
+                }
+                None => tracing::warn!(input = %name, "no message to acknowledge for this output"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Publishes a unit's output, retrying with a growing delay until the server
+/// stores it.
+async fn publish_until_stored(
+    sink: &NatsSink,
+    target: &NatsOutput,
+    mut unit: crate::sink::UnitOutput,
+    shared: &Shared,
+) -> crate::sink::Published {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match sink.publish(target, &mut unit).await {
+            Ok(published) => {
+                if shared.commit_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("publications succeed again; accepting input");
+                    shared.metrics.set_accepting(true);
+                    if !shared.draining.load(Ordering::Relaxed) {
+                        shared.health.set_ready(true, "");
+                    }
+                }
+                return published;
+            }
+            Err(err) => {
+                let message = error_chain(&err);
+                tracing::error!(error = %message, retry_in_ms = delay.as_millis() as u64, "publication failed; input is paused until it succeeds");
+                shared.metrics.commit_failure();
+                shared.commit_failing.store(true, Ordering::Relaxed);
+                shared.metrics.set_accepting(false);
+                shared.health.set_ready(false, &format!("cannot store output: {message}"));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -573,7 +701,7 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
         problems.push(ConfigProblem::new(
             "source.kind",
             format!(
-                "the daemon reads from a `watch` or `socket` source, not {}; use `stochflow run` for a finite source",
+                "the daemon reads from a `watch`, `socket` or `nats` source, not {}; use `stochflow run` for a finite source",
                 config.source.kind()
             ),
         ));
@@ -608,16 +736,20 @@ pub fn check(loaded: &LoadedConfig) -> Vec<ConfigProblem> {
             ));
         }
     }
-    let SinkConfig::ArrowFile(sink) = &config.sink;
-    if sink.images.is_some() {
+    let file_sink = config.sink.arrow_file();
+    if file_sink.is_some_and(|sink| sink.images.is_some()) {
         problems.push(ConfigProblem::new("sink.images", "the daemon writes Arrow files only; remove `sink.images`"));
     }
-    if crate::sink::is_stdout(&sink.path) {
+    if let Some(sink) = file_sink
+        && crate::sink::is_stdout(&sink.path)
+    {
         problems.push(ConfigProblem::new(
             "sink.path",
             "`-` (standard output) is for `stochflow run`; the daemon writes a directory of files, so choose a directory",
         ));
-    } else if sink.path.is_file() {
+    } else if let Some(sink) = file_sink
+        && sink.path.is_file()
+    {
         problems.push(ConfigProblem::new(
             "sink.path",
             format!(
@@ -658,9 +790,24 @@ fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<Lo
         let needs = if changes.len() == 1 { "needs" } else { "need" };
         anyhow::bail!("the new file changes {}, which {needs} a restart of the daemon", changes.join(", "));
     }
-    let (SinkConfig::ArrowFile(new_sink), SinkConfig::ArrowFile(old_sink)) = (&new.config.sink, &current.config.sink);
-    if new_sink.path != old_sink.path {
-        anyhow::bail!("the new file changes `sink.path`, which needs a restart of the daemon");
+    match (&new.config.sink, &current.config.sink) {
+        (SinkConfig::ArrowFile(new_sink), SinkConfig::ArrowFile(old_sink)) => {
+            if new_sink.path != old_sink.path {
+                anyhow::bail!("the new file changes `sink.path`, which needs a restart of the daemon");
+            }
+        }
+        (SinkConfig::Nats(new_sink), SinkConfig::Nats(old_sink)) => {
+            let changed = [
+                ("url", new_sink.url == old_sink.url),
+                ("stream", new_sink.stream == old_sink.stream),
+                ("subject", new_sink.subject == old_sink.subject),
+                ("dead_letter_subject", new_sink.dead_letter_subject() == old_sink.dead_letter_subject()),
+            ];
+            if let Some((key, _)) = changed.iter().find(|(_, same)| !same) {
+                anyhow::bail!("the new file changes `sink.{key}`, which needs a restart of the daemon");
+            }
+        }
+        _ => anyhow::bail!("the new file changes `sink.kind`, which needs a restart of the daemon"),
     }
     if new.config.daemon.http != current.config.daemon.http {
         anyhow::bail!("the new file changes `daemon.http`, which needs a restart of the daemon");

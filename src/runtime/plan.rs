@@ -136,9 +136,8 @@ pub fn plan_stages(
     }
     warn_fan_out_after_model_noise(&config.stages, &stages);
 
-    let SinkConfig::ArrowFile(sink) = &config.sink;
-    let names: Vec<String> = match &sink.columns {
-        Some(columns) => columns.clone(),
+    let names: Vec<String> = match config.sink.columns() {
+        Some(columns) => columns.to_vec(),
         None => schema.fields().iter().map(|f| f.name().clone()).collect(),
     };
     let mut projection = Vec::new();
@@ -154,9 +153,24 @@ pub fn plan_stages(
             )),
         }
     }
-    let images = sink
-        .images
-        .as_ref()
+    if matches!(config.sink, SinkConfig::Nats(_)) && schema.field_with_name(crate::batch::ORIGIN_COLUMN).is_err() {
+        let dropped_by = config.stages.iter().rposition(|stage| matches!(stage, StageConfig::Aggregate(_)));
+        let (path, message) = match dropped_by {
+            Some(index) => (
+                format!("stages[{index}].keep"),
+                "the `nats` sink sends the output of each input message as one message, so it needs the `origin` column, which this aggregate drops; add `origin` to `keep`",
+            ),
+            None => (
+                String::from("sink.kind"),
+                "the `nats` sink sends the output of each input message as one message, so it needs the `origin` column, which does not reach the sink",
+            ),
+        };
+        problems.push(ConfigProblem::new(path, message));
+    }
+    let images = config
+        .sink
+        .arrow_file()
+        .and_then(|sink| sink.images.as_ref())
         .and_then(|c| ImageSink::plan(c, &schema, &key_column).map_err(|problem| problems.push(problem)).ok());
     if !problems.is_empty() {
         return Err(loaded.error(problems).into());

@@ -53,6 +53,8 @@ pub enum SinkError {
     Target { path: PathBuf, message: String },
     #[error("cannot write the Arrow stream to standard output: {message}")]
     Stdout { message: String },
+    #[error("{message}")]
+    Nats { message: String },
 }
 
 /// The output path of standard output.
@@ -296,7 +298,7 @@ enum Writer {
     Stdout(StreamWriter<BufWriter<Stdout>>),
 }
 
-fn write_options(compression: FileCompression) -> Result<IpcWriteOptions, arrow::error::ArrowError> {
+pub(crate) fn write_options(compression: FileCompression) -> Result<IpcWriteOptions, arrow::error::ArrowError> {
     IpcWriteOptions::default()
         .try_with_compression(match compression.codec {
             Compression::None => None,

@@ -10,6 +10,7 @@ mod convert;
 mod images;
 mod interpolate;
 mod latent;
+mod nats;
 mod npy;
 mod prior;
 mod socket;
@@ -25,6 +26,7 @@ use crate::config::SourceConfig;
 pub use arrow_file::ArrowFileSource;
 pub use images::ImagesSource;
 pub use latent::LatentSource;
+pub use nats::{NatsSource, Unacked, connect as connect_nats, open_stream as open_nats_stream};
 pub use npy::NpySource;
 pub use socket::SocketSource;
 pub(crate) use socket::parse_listen;
@@ -87,7 +89,7 @@ pub fn open(config: &SourceConfig, seed: u64) -> Result<Box<dyn Source>, SourceE
         SourceConfig::ArrowFile(c) => Box::new(ArrowFileSource::open(c)?),
         SourceConfig::Npy(c) => Box::new(NpySource::open(c)?),
         SourceConfig::Latent(c) => Box::new(LatentSource::open(c, seed)?),
-        SourceConfig::Watch(_) | SourceConfig::Socket(_) => {
+        SourceConfig::Watch(_) | SourceConfig::Socket(_) | SourceConfig::Nats(_) => {
             return Err(SourceError::Config {
                 path: String::from("source.kind"),
                 message: format!(

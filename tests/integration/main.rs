@@ -17,6 +17,8 @@ mod commands;
 mod compression;
 /// The daemon's delivery: drain on SIGTERM, exactly once across kill -9, rotation, metrics, memory.
 mod daemon_delivery;
+/// The daemon on NATS JetStream: shared consumers, kill -9, duplicates, dead letters.
+mod daemon_nats;
 /// The daemon in operation: full disk, corrupt inputs, reloads, bad settings, JSON logs.
 mod daemon_operation;
 /// The daemon's socket source: acks, exactly once across kill -9 and resends, bad streams, SIGTERM, pyarrow.
