@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
@@ -35,6 +35,9 @@ use crate::config::NatsSourceConfig;
 
 /// How long one fetch waits for messages before the source checks for a stop.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// Messages held in memory that did not fit before the first message that
+/// fits; later ones go back to the server.
+const MAX_UNFIT: usize = 64;
 
 /// Messages handed to the pipeline and not yet acknowledged, by unit name.
 #[derive(Clone, Default)]
@@ -43,6 +46,15 @@ pub struct Unacked(Arc<Mutex<HashMap<Arc<str>, Message>>>);
 impl Unacked {
     fn insert(&self, unit: Arc<str>, message: Message) {
         self.0.lock().expect("the unacknowledged messages lock is never poisoned").insert(unit, message);
+    }
+
+    fn contains(&self, unit: &str) -> bool {
+        self.0.lock().expect("the unacknowledged messages lock is never poisoned").contains_key(unit)
+    }
+
+    /// Returns the messages, to tell the server they are in progress.
+    fn all(&self) -> Vec<Message> {
+        self.0.lock().expect("the unacknowledged messages lock is never poisoned").values().cloned().collect()
     }
 
     /// Removes and returns the message of `unit`.
@@ -187,9 +199,19 @@ impl NatsSource {
                     self.schema = Some(known.clone());
                     return Ok(Some(known));
                 }
-                Err(reason) => {
+                Err(reason) if self.unfit.len() < MAX_UNFIT => {
                     tracing::warn!(input = %unit, reason = %reason, "input message does not fit the pipeline; it goes to the dead letters once another message's columns start the pipeline");
                     self.unfit.push(message);
+                }
+                Err(reason) => {
+                    // Past the limit, the server keeps the message, so that
+                    // memory stays bounded.
+                    tracing::warn!(input = %unit, reason = %reason, "input message does not fit the pipeline; handed back to the server for a later try");
+                    self.runtime.block_on(async {
+                        if let Err(err) = message.ack_with(AckKind::Nak(Some(FETCH_WAIT * 10))).await {
+                            tracing::warn!(input = %unit, error = %err, "cannot hand the message back; the server redelivers it after the ack wait");
+                        }
+                    });
                 }
             }
         }
@@ -205,7 +227,12 @@ impl NatsSource {
         on_records: &dyn Fn(u64),
     ) -> Result<(), SourceError> {
         self.queue.extend(self.unfit.drain(..));
+        let mut last_progress = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if last_progress.elapsed() >= self.ack_wait() / 3 {
+                self.report_progress();
+                last_progress = Instant::now();
+            }
             let Some(message) = self.next_message() else { continue };
             if !self.read_message(message, output, stop, on_records) {
                 break;
@@ -227,6 +254,20 @@ impl NatsSource {
         if !returned.is_empty() {
             tracing::info!(messages = returned.len(), "handed unread messages back to the server");
         }
+    }
+
+    /// Tells the server that the messages queued and in the pipeline are in
+    /// progress, which restarts their ack wait: a message long in the
+    /// pipeline stays with this daemon while it runs.
+    fn report_progress(&self) {
+        let messages: Vec<Message> = self.queue.iter().cloned().chain(self.unacked.all()).collect();
+        self.runtime.block_on(async {
+            for message in &messages {
+                if let Err(err) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %err, "cannot report a message in progress");
+                }
+            }
+        });
     }
 
     /// Returns the next message, fetching when none is queued. Returns
@@ -293,6 +334,14 @@ impl NatsSource {
         on_records: &dyn Fn(u64),
     ) -> bool {
         let unit = unit_name(&message, &self.config.stream);
+        if self.unacked.contains(&unit) {
+            // The ack wait passed while the message was in the pipeline. The
+            // sink acknowledges it through this newer delivery when its
+            // output is stored, so it is not read twice.
+            tracing::info!(input = %unit, "message redelivered while still in the pipeline; reading it once");
+            self.unacked.insert(unit, message);
+            return true;
+        }
         if let Ok(info) = message.info()
             && info.delivered > 1
         {
