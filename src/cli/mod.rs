@@ -41,8 +41,9 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Run a pipeline as a service over a watched directory or a socket,
-    /// writing rotated files with a checkpoint, until SIGTERM or SIGINT.
+    /// Run a pipeline as a service until SIGTERM or SIGINT: over a watched
+    /// directory or a socket, writing rotated files with a checkpoint, or as
+    /// one of a pool of daemons that share a NATS JetStream stream.
     /// SIGHUP reloads the pipeline file.
     Daemon {
         /// The pipeline file (YAML).

@@ -204,7 +204,7 @@ fn fingerprint(config: &PipelineConfig) -> String {
     remove_keys(&mut value, &["runtime", "daemon"]);
     // The server, the consumer and its settings decide who processes a
     // message, not what comes out of it.
-    remove_keys(&mut value["source"], &["batch_size", "url", "consumer", "ack_wait_ms", "fetch"]);
+    remove_keys(&mut value["source"], &["batch_size", "url", "consumer", "ack_wait_ms", "fetch", "deliver"]);
     remove_keys(&mut value["sink"], &["path", "rows_per_batch", "url", "stream", "subject", "dead_letter_subject"]);
     // Writing out zstd's default level, or 0, which zstd reads as its
     // default, is the same as leaving the level out.

@@ -41,8 +41,8 @@ pub use sampling::{
 };
 pub use sink::{ArrowFileSinkConfig, Compression, NatsSinkConfig, SinkConfig};
 pub use source::{
-    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NatsSourceConfig, NpySourceConfig, SocketSourceConfig,
-    SourceConfig, TensorShapeConfig, WatchSourceConfig,
+    ArrowFileSourceConfig, ImagesKey, ImagesSourceConfig, NatsDeliver, NatsSourceConfig, NpySourceConfig,
+    SocketSourceConfig, SourceConfig, TensorShapeConfig, WatchSourceConfig,
 };
 pub use stage::{
     ColorOrder, ConstantConfig, ConstantType, CropConfig, InferConfig, Layout, PreprocessConfig, ResizeConfig,

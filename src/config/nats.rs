@@ -23,6 +23,9 @@ pub fn check(source: Option<&SourceConfig>, sink: Option<&SinkConfig>) -> Vec<Co
         if let Some(problem) = name_problem(&source.consumer) {
             problems.push(ConfigProblem::new("source.consumer", problem));
         }
+        if source.fetch == 0 {
+            problems.push(ConfigProblem::new("source.fetch", "must be at least 1, found 0"));
+        }
         if source.ack_wait_ms < 1000 {
             problems.push(ConfigProblem::new(
                 "source.ack_wait_ms",
@@ -61,12 +64,13 @@ pub fn check(source: Option<&SourceConfig>, sink: Option<&SinkConfig>) -> Vec<Co
         )),
         (_, _, Some(source), Some(sink)) => {
             let dead = sink.dead_letter_subject();
-            for (key, subject) in [("sink.subject", &sink.subject), ("sink.dead_letter_subject", &dead)] {
+            let subjects = [("sink.subject", &sink.subject, "output"), ("sink.dead_letter_subject", &dead, "dead letters")];
+            for (key, subject, what) in subjects {
                 if subjects_overlap(&source.subject, subject) {
                     problems.push(ConfigProblem::new(
                         key,
                         format!(
-                            "{subject:?} overlaps the input subject {:?}, so the output would be read again as input; choose a subject outside it",
+                            "{subject:?} overlaps the input subject {:?}, so the {what} would be read again as input; choose a subject outside it",
                             source.subject
                         ),
                     ));

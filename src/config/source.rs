@@ -117,6 +117,10 @@ pub struct NatsSourceConfig {
     /// hands the message to another daemon, when the consumer is created.
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
+    /// Where a consumer created by the daemon starts: at the first message
+    /// in the stream, or at the first one published after its creation.
+    #[serde(default)]
+    pub deliver: NatsDeliver,
     /// Messages fetched from the server at a time.
     #[serde(default = "default_fetch", deserialize_with = "super::count::count")]
     pub fetch: usize,
@@ -130,6 +134,14 @@ pub struct NatsSourceConfig {
     /// Columns to read as tensors, with their per-row shape, as in `arrow_file`.
     #[serde(default)]
     pub tensors: std::collections::BTreeMap<String, TensorShapeConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NatsDeliver {
+    #[default]
+    All,
+    New,
 }
 
 fn default_consumer() -> String {

@@ -102,6 +102,15 @@ impl Input {
         }
     }
 
+    /// Returns the server's address and the connection to it, for a NATS
+    /// input.
+    pub fn nats_connection(&self) -> Option<(String, async_nats::Client)> {
+        match self {
+            Input::Nats(source) => Some(source.connection()),
+            _ => None,
+        }
+    }
+
     /// Returns the consumer's ack wait, for a NATS input.
     pub fn ack_wait(&self) -> Option<std::time::Duration> {
         match self {

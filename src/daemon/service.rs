@@ -96,19 +96,23 @@ fn serve(
         Some(dir) => checkpoint::recover(dir)?,
         None => Checkpoint::new(),
     };
-    let output = match (&output_dir, &loaded.config.sink) {
-        (Some(dir), _) => dir.display().to_string(),
-        (None, SinkConfig::Nats(nats)) => format!("{} on {}", nats.subject, nats.url),
-        (None, other) => other.kind().to_string(),
-    };
-    tracing::info!(
-        pipeline = %pipeline_file.display(),
-        seed = loaded.config.seed,
-        output = %output,
-        next_file = checkpoint.next_file,
-        units_durable = checkpoint.units.len(),
-        "daemon starting"
-    );
+    match (&output_dir, &loaded.config.sink) {
+        (Some(dir), _) => tracing::info!(
+            pipeline = %pipeline_file.display(),
+            seed = loaded.config.seed,
+            output = %dir.display(),
+            next_file = checkpoint.next_file,
+            units_durable = checkpoint.units.len(),
+            "daemon starting"
+        ),
+        (None, sink) => {
+            let output = match sink {
+                SinkConfig::Nats(nats) => format!("{} on {}", nats.subject, nats.url),
+                other => other.kind().to_string(),
+            };
+            tracing::info!(pipeline = %pipeline_file.display(), seed = loaded.config.seed, output = %output, "daemon starting");
+        }
+    }
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
@@ -137,6 +141,11 @@ fn serve(
             commit_failing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         });
+        let connections: Vec<(String, async_nats::Client)> =
+            input.nats_connection().into_iter().chain(shared.nats.as_ref().map(|nats| nats.connection())).collect();
+        if !connections.is_empty() {
+            tokio::spawn(watch_connections(shared.clone(), connections));
+        }
         let (control_tx, control) = mpsc::channel(4);
         tokio::spawn(watch_signals(control_tx));
         let http_server = match &loaded.config.daemon.http {
@@ -804,7 +813,16 @@ fn load_for_reload(shared: &Shared, current: &LoadedConfig) -> anyhow::Result<Lo
                 ("dead_letter_subject", new_sink.dead_letter_subject() == old_sink.dead_letter_subject()),
             ];
             if let Some((key, _)) = changed.iter().find(|(_, same)| !same) {
-                anyhow::bail!("the new file changes `sink.{key}`, which needs a restart of the daemon");
+                let as_json = |sink: &crate::config::NatsSinkConfig| {
+                    let mut value = serde_json::to_value(sink).unwrap_or_default();
+                    value["dead_letter_subject"] = serde_json::Value::from(sink.dead_letter_subject());
+                    value[*key].clone()
+                };
+                anyhow::bail!(
+                    "the new file changes `sink.{key}` from {} to {}, which needs a restart of the daemon",
+                    as_json(old_sink),
+                    as_json(new_sink)
+                );
             }
         }
         _ => anyhow::bail!("the new file changes `sink.kind`, which needs a restart of the daemon"),
@@ -855,6 +873,34 @@ fn reject_reload(shared: &Shared, err: &anyhow::Error) {
         error = %format!("{err:#}"),
         "reload rejected; the running pipeline goes on unchanged"
     );
+}
+
+/// Sets the daemon not ready while a NATS connection is down, and ready
+/// again once the client has reconnected.
+async fn watch_connections(shared: Arc<Shared>, connections: Vec<(String, async_nats::Client)>) {
+    let mut was_down = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let down = connections
+            .iter()
+            .find(|(_, client)| client.connection_state() != async_nats::connection::State::Connected);
+        match down {
+            Some((url, _)) if !was_down => {
+                was_down = true;
+                shared.metrics.set_accepting(false);
+                shared.health.set_ready(false, &format!("disconnected from the NATS server at {url}; reconnecting"));
+            }
+            None if was_down => {
+                was_down = false;
+                tracing::info!("reconnected to the NATS server");
+                shared.metrics.set_accepting(true);
+                if !shared.draining.load(Ordering::Relaxed) && !shared.commit_failing.load(Ordering::Relaxed) {
+                    shared.health.set_ready(true, "");
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Turns signals into control requests. A second stop signal exits at once.

@@ -2,8 +2,9 @@
 //!
 //! The rows of an input message (a unit of the `nats` source) are gathered
 //! by their `origin` column until the message's last progress mark arrives.
-//! They are then published as one Arrow IPC stream on `subject`, and its
-//! rejected records as one on the dead-letter subject. Each publication
+//! They are then published as one Arrow IPC stream on `subject`, with no
+//! rows when none remain, and its rejected records as one on the
+//! dead-letter subject. Each publication
 //! carries the input unit's name as its `Nats-Msg-Id`, and the input
 //! message is acknowledged only once the server has stored both.
 //!
@@ -31,6 +32,8 @@ pub const INPUT_HEADER: &str = "Stochflow-Input";
 
 /// The output stream's subjects and the connection that publishes to them.
 pub struct NatsOutput {
+    url: String,
+    client: async_nats::Client,
     context: jetstream::Context,
     subject: String,
     dead_subject: String,
@@ -48,7 +51,7 @@ impl NatsOutput {
 
         let client = crate::source::connect_nats(&config.url, "sink.url").await?;
         let max_payload = client.server_info().max_payload;
-        let context = jetstream::new(client);
+        let context = jetstream::new(client.clone());
         let dead_subject = config.dead_letter_subject();
         let window = (ack_wait * 2).max(Duration::from_secs(120));
         let created = jetstream::stream::Config {
@@ -89,7 +92,19 @@ impl NatsOutput {
                 ),
             ));
         }
-        Ok(Self { context, subject: config.subject.clone(), dead_subject, max_payload })
+        Ok(Self {
+            url: config.url.clone(),
+            client,
+            context,
+            subject: config.subject.clone(),
+            dead_subject,
+            max_payload,
+        })
+    }
+
+    /// Returns the server's address and the connection to it.
+    pub fn connection(&self) -> (String, async_nats::Client) {
+        (self.url.clone(), self.client.clone())
     }
 }
 
@@ -173,46 +188,44 @@ impl NatsSink {
         &mut self.units[index]
     }
 
-    /// Encodes a unit's output and dead letters. An output above the
-    /// server's largest message turns its records into dead letters.
+    /// Encodes a unit's output, with no rows when it has none, and its dead
+    /// letters. An output above the server's largest message turns its
+    /// records into dead letters.
     fn encode(&self, unit: &mut UnitOutput, max_payload: usize) -> Result<Encoded, SinkError> {
         let mut records = RecordRuns::default();
         let record_count: u64 = unit.rows.iter().map(|rows| records.count(rows, &self.key_column)).sum();
         let row_count: u64 = unit.rows.iter().map(|rows| rows.num_rows() as u64).sum();
-        let mut output = None;
-        if row_count > 0 {
-            let payload = encode_stream(&self.format, &unit.rows)?;
-            if payload.len() <= max_payload {
-                output = Some(payload);
-            } else {
-                let reason = format!(
-                    "the output of message {} is {} bytes, more than the NATS server's largest message ({max_payload} bytes); publish fewer records per input message, or raise the server's max_payload",
-                    unit.unit,
-                    payload.len()
-                );
-                tracing::warn!(input = %unit.unit, "{reason}");
-                let mut last: Option<String> = None;
-                for rows in &unit.rows {
-                    let Some(keys) = Keys::new(rows, &self.key_column) else { continue };
-                    for row in 0..rows.num_rows() {
-                        let key = keys.get(row);
-                        if last.as_deref() != Some(key.as_str()) {
-                            unit.dead.push(Rejected {
-                                key: key.clone(),
-                                component: String::from("sink"),
-                                reason: reason.clone(),
-                                origin: Some(unit.unit.to_string()),
-                            });
-                            last = Some(key);
-                        }
+        let mut output = encode_stream(&self.format, &unit.rows)?;
+        let fits = output.len() <= max_payload;
+        if !fits {
+            let reason = format!(
+                "the output of message {} is {} bytes, more than the NATS server's largest message ({max_payload} bytes); publish fewer records per input message, or raise the server's max_payload",
+                unit.unit,
+                output.len()
+            );
+            tracing::warn!(input = %unit.unit, "{reason}");
+            let mut last: Option<String> = None;
+            for rows in &unit.rows {
+                let Some(keys) = Keys::new(rows, &self.key_column) else { continue };
+                for row in 0..rows.num_rows() {
+                    let key = keys.get(row);
+                    if last.as_deref() != Some(key.as_str()) {
+                        unit.dead.push(Rejected {
+                            key: key.clone(),
+                            component: String::from("sink"),
+                            reason: reason.clone(),
+                            origin: Some(unit.unit.to_string()),
+                        });
+                        last = Some(key);
                     }
                 }
-                // A retry after a failed publication finds the dead letters alone.
-                unit.rows.clear();
             }
+            // A retry after a failed publication finds the dead letters alone.
+            unit.rows.clear();
+            output = encode_stream(&self.format, &[])?;
         }
         let dead = (!unit.dead.is_empty()).then(|| encode_dead_letters(&unit.unit, &unit.dead)).transpose()?;
-        let (records, rows) = if output.is_some() { (record_count, row_count) } else { (0, 0) };
+        let (records, rows) = if fits { (record_count, row_count) } else { (0, 0) };
         Ok(Encoded {
             output,
             dead,
@@ -233,7 +246,7 @@ impl NatsSink {
             ..Default::default()
         };
         let sends = [
-            ("output", &target.subject, String::from(&*unit.unit), encoded.output),
+            ("output", &target.subject, String::from(&*unit.unit), Some(encoded.output)),
             ("dead_letters", &target.dead_subject, format!("{}:dead", unit.unit), encoded.dead),
         ];
         for (kind, subject, id, payload) in sends {
@@ -264,7 +277,7 @@ impl NatsSink {
 }
 
 struct Encoded {
-    output: Option<Vec<u8>>,
+    output: Vec<u8>,
     dead: Option<Vec<u8>>,
     records: u64,
     rows: u64,
@@ -376,8 +389,9 @@ mod tests {
             dead: Vec::new(),
             complete: true,
         };
-        let encoded = sink.encode(&mut unit, 64).unwrap();
-        assert!(encoded.output.is_none());
+        let encoded = sink.encode(&mut unit, 200).unwrap();
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(encoded.output), None).unwrap();
+        assert_eq!(reader.map(|b| b.unwrap().num_rows()).sum::<usize>(), 0, "the output message has no rows");
         assert_eq!((encoded.records, encoded.rows), (0, 0));
         let keys: Vec<&str> = unit.dead.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(keys, ["1", "2", "3"], "one dead letter per record");
@@ -388,7 +402,7 @@ mod tests {
         let rows = vec![batch(&[1, 2, 2, 3], &["in:8"; 4]).data];
         let mut unit = UnitOutput { unit: Arc::from("in:8"), rows, dead: Vec::new(), complete: true };
         let encoded = sink.encode(&mut unit, 1 << 20).unwrap();
-        let payload = encoded.output.unwrap();
+        let payload = encoded.output;
         let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(payload), None).unwrap();
         let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 4);

@@ -22,7 +22,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatchReader;
-use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::convert::{ColumnSettings, Converter, GeneratedKey};
 use super::{SchemaCheck, SourceError, column_difference, same_but_nullability};
 use crate::batch::{Batch, Mark, Rejected};
-use crate::config::NatsSourceConfig;
+use crate::config::{NatsDeliver, NatsSourceConfig};
 
 /// How long one fetch waits for messages before the source checks for a stop.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
@@ -70,6 +70,7 @@ impl Unacked {
 
 pub struct NatsSource {
     config: NatsSourceConfig,
+    client: async_nats::Client,
     runtime: tokio::runtime::Handle,
     consumer: PullConsumer,
     /// Messages fetched and not yet read, in stream order.
@@ -94,7 +95,7 @@ impl NatsSource {
     /// do not exist, and checks that an existing consumer reads `subject`.
     pub async fn connect(config: &NatsSourceConfig) -> Result<Self, SourceError> {
         let client = connect(&config.url, "source.url").await?;
-        let context = jetstream::new(client);
+        let context = jetstream::new(client.clone());
         let problem = |path: &str, message: String| SourceError::Config { path: path.to_string(), message };
         let created = jetstream::stream::Config {
             name: config.stream.clone(),
@@ -102,6 +103,7 @@ impl NatsSource {
             ..Default::default()
         };
         let stream = open_stream(&context, created, &config.url, "source.stream", "input").await?;
+
         let consumer_config = pull::Config {
             durable_name: Some(config.consumer.clone()),
             filter_subject: config.subject.clone(),
@@ -110,8 +112,13 @@ impl NatsSource {
             // A message is never given up on: each delivery either stores
             // its output or leaves it for another try.
             max_deliver: -1,
+            deliver_policy: match config.deliver {
+                NatsDeliver::All => DeliverPolicy::All,
+                NatsDeliver::New => DeliverPolicy::New,
+            },
             ..Default::default()
         };
+        let existed = stream.consumer_info(&config.consumer).await.is_ok();
         let mut consumer: PullConsumer =
             stream.get_or_create_consumer(&config.consumer, consumer_config).await.map_err(|err| {
                 problem(
@@ -122,6 +129,7 @@ impl NatsSource {
                     ),
                 )
             })?;
+
         let info = consumer.info().await.map_err(|err| {
             problem("source.consumer", format!("cannot read the consumer {:?}: {err}", config.consumer))
         })?;
@@ -137,13 +145,23 @@ impl NatsSource {
         if info.config.ack_wait != Duration::from_millis(config.ack_wait_ms) {
             tracing::warn!(
                 consumer = %config.consumer,
-                ack_wait_ms = info.config.ack_wait.as_millis() as u64,
-                "the consumer exists with another ack wait, which it keeps"
+                consumer_ack_wait_ms = info.config.ack_wait.as_millis() as u64,
+                configured_ack_wait_ms = config.ack_wait_ms,
+                "the consumer exists with another ack wait, which it keeps; to change it, delete the consumer while no daemon runs, or name a new `consumer`"
+            );
+        }
+        if !existed && config.deliver == NatsDeliver::All && info.num_pending > 0 {
+            tracing::warn!(
+                consumer = %config.consumer,
+                stream = %config.stream,
+                messages = info.num_pending,
+                "created the consumer, which reads every message already in the stream; outputs stored longer ago than the output stream's duplicate window are stored again, so set `deliver: new` for a consumer that should read new messages only"
             );
         }
         tracing::info!(stream = %config.stream, consumer = %config.consumer, pending = info.num_pending, "reading the input stream");
         Ok(Self {
             config: config.clone(),
+            client,
             runtime: tokio::runtime::Handle::current(),
             consumer,
             queue: VecDeque::new(),
@@ -158,6 +176,11 @@ impl NatsSource {
     /// stays with a daemon that died.
     pub fn ack_wait(&self) -> Duration {
         self.consumer.cached_info().config.ack_wait
+    }
+
+    /// Returns the server's address and the connection to it.
+    pub fn connection(&self) -> (String, async_nats::Client) {
+        (self.config.url.clone(), self.client.clone())
     }
 
     /// Returns the messages handed to the pipeline and not yet acknowledged.
@@ -297,13 +320,16 @@ impl NatsSource {
 
     /// Opens a message's Arrow IPC stream and plans its conversion.
     fn open(&self, message: &Message, unit: &Arc<str>) -> Result<OpenMessage, SourceError> {
+        let not_a_stream = |message: String| SourceError::Config { path: String::from("source"), message };
+        if message.payload.starts_with(b"ARROW1") {
+            return Err(not_a_stream(format!(
+                "message {unit} is an Arrow IPC file, not a stream; publish each batch of records in the Arrow IPC stream format (pyarrow.ipc.new_stream)"
+            )));
+        }
         let reader = StreamReader::try_new(Cursor::new(message.payload.clone()), None).map_err(|err| {
-            SourceError::Config {
-                path: String::from("source"),
-                message: format!(
-                    "message {unit} is not an Arrow IPC stream ({err}); publish each batch of records as one Arrow IPC stream"
-                ),
-            }
+            not_a_stream(format!(
+                "message {unit} is not an Arrow IPC stream ({err}); publish each batch of records as one Arrow IPC stream"
+            ))
         })?;
         let settings = ColumnSettings {
             id_column: self.config.id_column.as_deref(),
@@ -349,7 +375,6 @@ impl NatsSource {
         }
         self.unacked.insert(unit.clone(), message.clone());
         let reject_rest = |records: u64, reason: String| {
-            tracing::warn!(input = %unit, reason = %reason, "input message rejected");
             on_records(1);
             let mut batch = Batch::new(RecordBatch::new_empty(self.expected_schema()), Vec::new());
             batch.rejected.push(Rejected {
@@ -461,7 +486,7 @@ pub async fn connect(url: &str, key: &str) -> Result<async_nats::Client, SourceE
 }
 
 /// Opens a stream, or creates it with `created` when it does not exist.
-/// `key` is the setting that names the stream, and `role` says what it
+/// `key` is the setting that names the stream, and `role` is what it
 /// stores (`input` or `output`).
 pub async fn open_stream(
     context: &jetstream::Context,

@@ -25,7 +25,7 @@ use arrow::ipc::writer::StreamWriter;
 use async_nats::jetstream;
 
 use crate::common::{int32, int64, read_arrow, stochflow, strings, tensor_f32, write_pipeline, yaml_path};
-use crate::daemon_support::{COMPARED_COLUMNS, Daemon, digits, digits_stages_yaml, mlp, note, run_clean};
+use crate::daemon_support::{COMPARED_COLUMNS, Daemon, digits, digits_stages_yaml, free_port, mlp, note, run_clean};
 
 /// Records per input message.
 const RECORDS_PER_MESSAGE: usize = 10;
@@ -37,8 +37,9 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A `nats-server` with JetStream, killed when dropped.
 struct NatsServer {
     child: Child,
+    binary: PathBuf,
     port: u16,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -48,20 +49,18 @@ impl NatsServer {
         let binary = find_server()?;
         let store = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-        let server = NatsServer { child, port, _store: store };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on port {port} within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
+        let child = spawn_server(&binary, port, store.path());
+        Some(NatsServer { child, binary, port, store })
+    }
+
+    fn stop(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the stopped server again, on the same port and store.
+    fn start_again(&mut self) {
+        self.child = spawn_server(&self.binary, self.port, self.store.path());
     }
 
     fn url(&self) -> String {
@@ -74,6 +73,23 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `nats-server` with JetStream on 127.0.0.1:PORT and waits until it listens.
+fn spawn_server(binary: &Path, port: u16, store: &Path) -> Child {
+    let child = Command::new(binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not listen on port {port} within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 fn find_server() -> Option<PathBuf> {
@@ -168,6 +184,19 @@ fn stored(url: &str, name: &str) -> Vec<Stored> {
 
 /// Writes the digits pipeline on NATS to `dir/NAME.yaml`.
 fn nats_pipeline(dir: &Path, name: &str, url: &str, consumer: &str, fetch: usize) -> PathBuf {
+    nats_pipeline_with_http(dir, name, url, consumer, fetch, None)
+}
+
+/// As [`nats_pipeline`], with the health server on `http_port` when set.
+fn nats_pipeline_with_http(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    consumer: &str,
+    fetch: usize,
+    http_port: Option<u16>,
+) -> PathBuf {
+    let http = http_port.map_or(String::from("null"), |port| format!("127.0.0.1:{port}"));
     let yaml = format!(
         "seed: 42
 source:
@@ -187,7 +216,7 @@ source:
   dead_letter_subject: digits.dead
   columns: {COMPARED_COLUMNS}
 daemon:
-  http: null
+  http: {http}
   max_delay_ms: 5
 ",
         stages = digits_stages_yaml(0.1, &mlp()),
@@ -317,9 +346,23 @@ fn reprocessed_messages_are_stored_once() {
         .wait_for("ten outputs found already stored", |d| (count(&d.log(), "already_stored=true") == 10).then_some(()));
     again.stop(Duration::from_secs(30));
     assert_eq!(count(&again.log(), "already_stored=false"), 0, "{}", again.log_tail());
+    assert_eq!(count(&again.log(), "reads every message already in the stream"), 1, "a new consumer warns");
     let after = stored(&url, "digits-out");
-    assert_eq!(after.len(), messages.len(), "the output stream holds each output once");
+    assert_eq!(after.len(), messages.len(), "the output stream contains each output once");
     assert_exactly_once(dir.path(), &after, 10);
+
+    // A consumer created with `deliver: new` leaves the old messages alone.
+    let pipeline = nats_pipeline(dir.path(), "new_only", &url, "new-only", 4);
+    let yaml = std::fs::read_to_string(&pipeline).unwrap().replace("  fetch: 4\n", "  fetch: 4\n  deliver: new\n");
+    std::fs::write(&pipeline, yaml).unwrap();
+    let mut new_only = Daemon::start(&pipeline, None, &dir.path().join("new_only.log"));
+    new_only.wait_log("waiting for the first input");
+    publish(&url, &digit_messages(100..110));
+    let last = wait_for_outputs(&url, 11, &mut [&mut new_only]);
+    new_only.stop(Duration::from_secs(30));
+    assert_eq!(count(&new_only.log(), "output stored"), 1, "only the new message is read");
+    assert_eq!(count(&new_only.log(), "reads every message already in the stream"), 0);
+    assert_exactly_once(dir.path(), &last, 11);
 }
 
 #[test]
@@ -345,6 +388,9 @@ fn bad_messages_become_dead_letters() {
     let mut messages = digit_messages(0..10);
     messages.push(b"not an Arrow stream".to_vec());
     messages.push(ipc_stream(&other_columns));
+    let arrow_file = dir.path().join("file.arrow");
+    crate::daemon_support::write_arrow(&arrow_file, &digits().slice(0, 3));
+    messages.push(std::fs::read(&arrow_file).unwrap());
     messages.extend(digit_messages(10..20));
     publish(&url, &messages);
 
@@ -353,7 +399,7 @@ fn bad_messages_become_dead_letters() {
         let all = stored(&url, "digits-out");
         let outputs = all.iter().filter(|m| m.subject == "digits.out").count();
         let dead = all.iter().filter(|m| m.subject == "digits.dead").count();
-        if outputs >= 2 && dead >= 2 {
+        if outputs >= 5 && dead >= 3 {
             break all;
         }
         assert!(daemon.is_running(), "the daemon exited\n{}", daemon.log_tail());
@@ -365,9 +411,9 @@ fn bad_messages_become_dead_letters() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let letters: Vec<&Stored> = all.iter().filter(|m| m.subject == "digits.dead").collect();
-    assert_eq!(letters.len(), 2, "one dead-letter message per bad input message");
+    assert_eq!(letters.len(), 3, "one dead-letter message per bad input message");
     let inputs: Vec<&str> = letters.iter().map(|m| m.input.as_str()).collect();
-    assert_eq!(inputs, ["digits-in:2", "digits-in:3"]);
+    assert_eq!(inputs, ["digits-in:2", "digits-in:3", "digits-in:4"]);
     assert_eq!(letters[0].id, "digits-in:2:dead");
     let keys = strings(std::slice::from_ref(&letters[0].batch), "key");
     assert_eq!(keys, ["digits-in:2"], "an unreadable message is one dead letter named after it");
@@ -375,8 +421,15 @@ fn bad_messages_become_dead_letters() {
     assert!(errors[0].contains("not an Arrow IPC stream"), "{errors:?}");
     assert!(errors[1].contains("differ from those of the first message"), "{errors:?}");
     assert!(errors[1].contains("extra column \"x\""), "{errors:?}");
+    assert!(errors[2].contains("is an Arrow IPC file, not a stream"), "{errors:?}");
     assert_eq!(strings(std::slice::from_ref(&letters[0].batch), "stage"), ["source"]);
-    assert!(all.iter().any(|m| m.input == "digits-in:4"), "the daemon goes on after bad messages");
+    assert!(all.iter().any(|m| m.input == "digits-in:5"), "the daemon goes on after bad messages");
+    for bad in ["digits-in:2", "digits-in:3", "digits-in:4"] {
+        let output =
+            all.iter().find(|m| m.subject == "digits.out" && m.input == bad).expect("every input has an output");
+        assert_eq!(output.batch.num_rows(), 0, "{bad} has no rows");
+        assert_eq!(output.batch.schema().field(0).name(), "id", "an empty output has the output columns");
+    }
     assert!(daemon.is_running());
     daemon.stop(Duration::from_secs(30));
 }
@@ -388,7 +441,7 @@ fn nats_settings_are_checked() {
     // would read the output back.
     let yaml = format!(
         "seed: 1
-source: {{kind: nats, url: nats://127.0.0.1:4222, stream: in, subject: 'digits.>', ack_wait_ms: 10}}
+source: {{kind: nats, url: nats://127.0.0.1:4222, stream: in, subject: 'digits.>', ack_wait_ms: 10, fetch: 0}}
 {stages}sink: {{kind: nats, url: nats://127.0.0.1:4222, stream: in, subject: digits.out}}
 ",
         stages = digits_stages_yaml(0.1, &mlp()),
@@ -398,6 +451,7 @@ source: {{kind: nats, url: nats://127.0.0.1:4222, stream: in, subject: 'digits.>
     assert_eq!(outcome.code, 1, "{}", outcome.stderr);
     for expected in [
         "source.ack_wait_ms: must be at least 1000, found 10",
+        "source.fetch: must be at least 1, found 0",
         "sink.subject: \"digits.out\" overlaps the input subject \"digits.>\"",
         "sink.dead_letter_subject: \"digits.out.dead\" overlaps the input subject",
         "sink.stream: \"in\" is also the input stream",
@@ -446,4 +500,35 @@ source: {{kind: nats, url: nats://127.0.0.1:4222, stream: in, subject: digits.in
     let outcome = stochflow(&["daemon", pipeline.to_str().unwrap()]);
     assert_eq!(outcome.code, 1, "{}", outcome.stderr);
     assert!(outcome.stderr.contains("less than twice the input consumer's ack wait of 2 s"), "{}", outcome.stderr);
+}
+
+#[test]
+fn server_restart_pauses_then_resumes() {
+    let Some(mut server) = NatsServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let port = free_port();
+    let pipeline = nats_pipeline_with_http(dir.path(), "digits_nats", &url, "workers", 4, Some(port));
+    let mut daemon = Daemon::start(&pipeline, Some(port), &dir.path().join("daemon.log"));
+    daemon.wait_log("waiting for the first input");
+    publish(&url, &digit_messages(0..50));
+    wait_for_outputs(&url, 5, &mut [&mut daemon]);
+    daemon
+        .wait_for("/readyz to return 200", |d| (d.get("/readyz").map(|(status, _)| status) == Some(200)).then_some(()));
+
+    // While the server is down the daemon is not ready, and it stays up.
+    server.stop();
+    let (status, body) =
+        daemon.wait_for("/readyz to return 503", |d| d.get("/readyz").filter(|(status, _)| *status == 503));
+    assert_eq!(status, 503);
+    assert!(body.contains(&format!("disconnected from the NATS server at {url}")), "{body}");
+    server.start_again();
+
+    daemon.wait_log("reconnected to the NATS server");
+    daemon
+        .wait_for("/readyz to return 200", |d| (d.get("/readyz").map(|(status, _)| status) == Some(200)).then_some(()));
+    publish(&url, &digit_messages(50..100));
+    let messages = wait_for_outputs(&url, 10, &mut [&mut daemon]);
+    daemon.stop(Duration::from_secs(30));
+    assert_exactly_once(dir.path(), &messages, 10);
 }
