@@ -892,7 +892,8 @@ async fn watch_connections(shared: Arc<Shared>, connections: Vec<(String, async_
             }
             None if was_down => {
                 was_down = false;
-                tracing::info!("reconnected to the NATS server");
+                let servers: Vec<&str> = connections.iter().map(|(url, _)| url.as_str()).collect();
+                tracing::info!(server = %servers.join(", "), "reconnected to the NATS server");
                 shared.metrics.set_accepting(true);
                 if !shared.draining.load(Ordering::Relaxed) && !shared.commit_failing.load(Ordering::Relaxed) {
                     shared.health.set_ready(true, "");

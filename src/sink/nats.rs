@@ -145,6 +145,12 @@ impl NatsSink {
     /// Holds a batch's rows and rejections by input message, and returns
     /// the messages that its marks complete, in input order.
     pub fn write(&mut self, batch: Batch) -> Vec<UnitOutput> {
+        // Marks come in input order, and a mark rides the batch with its
+        // message's last row, so the messages that end here come before any
+        // that a row or rejection of this batch starts.
+        for mark in &batch.marks {
+            self.unit(&mark.unit);
+        }
         let data = &batch.data;
         let origins =
             data.column_by_name(crate::batch::ORIGIN_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>());
@@ -378,6 +384,26 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(ids(&done[0]), [3, 4]);
         assert_eq!(done[0].dead.len(), 1);
+    }
+
+    #[test]
+    fn messages_released_in_input_order() {
+        let mut sink = sink();
+        // Rejected messages 2 and 3 ride the batch that holds message 4's rows.
+        let mut batch = batch(&[7, 8], &["in:4", "in:4"]);
+        for unit in ["in:2", "in:3"] {
+            batch.rejected.push(Rejected {
+                key: unit.to_string(),
+                component: String::from("source"),
+                reason: String::from("not Arrow"),
+                origin: Some(unit.to_string()),
+            });
+        }
+        for unit in ["in:2", "in:3", "in:4"] {
+            batch.marks.push(Mark { unit: Arc::from(unit), records: 1, complete: true });
+        }
+        let done: Vec<String> = sink.write(batch).iter().map(|unit| unit.unit.to_string()).collect();
+        assert_eq!(done, ["in:2", "in:3", "in:4"]);
     }
 
     #[test]

@@ -150,6 +150,19 @@ impl NatsSource {
                 "the consumer exists with another ack wait, which it keeps; to change it, delete the consumer while no daemon runs, or name a new `consumer`"
             );
         }
+        let deliver = match config.deliver {
+            NatsDeliver::All => DeliverPolicy::All,
+            NatsDeliver::New => DeliverPolicy::New,
+        };
+        if existed && info.config.deliver_policy != deliver {
+            tracing::warn!(
+                consumer = %config.consumer,
+                "the consumer exists and goes on where it is, so `deliver` applies only to a consumer the daemon creates"
+            );
+        }
+        if !existed {
+            tracing::info!(consumer = %config.consumer, deliver = ?config.deliver, "created the consumer");
+        }
         if !existed && config.deliver == NatsDeliver::All && info.num_pending > 0 {
             tracing::warn!(
                 consumer = %config.consumer,
@@ -398,7 +411,7 @@ impl NatsSource {
             && ((expected.fields() != found.fields() && retype.is_none()) || key_column != open.converter.key_column())
         {
             let reason = format!(
-                "the message's columns differ from those of the first message read ({}); every message must have the same columns",
+                "the message's columns differ from those of the first message that fit the pipeline ({}); every message must have the same columns",
                 column_difference(expected, &found)
             );
             return output.blocking_send(reject_rest(0, reason)).is_ok();

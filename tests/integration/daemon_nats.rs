@@ -424,6 +424,12 @@ fn bad_messages_become_dead_letters() {
     assert!(errors[2].contains("is an Arrow IPC file, not a stream"), "{errors:?}");
     assert_eq!(strings(std::slice::from_ref(&letters[0].batch), "stage"), ["source"]);
     assert!(all.iter().any(|m| m.input == "digits-in:5"), "the daemon goes on after bad messages");
+    let order: Vec<&str> = all.iter().filter(|m| m.subject == "digits.out").map(|m| m.input.as_str()).collect();
+    assert_eq!(
+        order[..5],
+        ["digits-in:1", "digits-in:2", "digits-in:3", "digits-in:4", "digits-in:5"],
+        "outputs in input order"
+    );
     for bad in ["digits-in:2", "digits-in:3", "digits-in:4"] {
         let output =
             all.iter().find(|m| m.subject == "digits.out" && m.input == bad).expect("every input has an output");
