@@ -151,6 +151,7 @@ impl NatsSink {
         for mark in &batch.marks {
             self.unit(&mark.unit);
         }
+
         let data = &batch.data;
         let origins =
             data.column_by_name(crate::batch::ORIGIN_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>());
@@ -389,7 +390,7 @@ mod tests {
     #[test]
     fn messages_released_in_input_order() {
         let mut sink = sink();
-        // Rejected messages 2 and 3 ride the batch that holds message 4's rows.
+        // Rejected messages 2 and 3 ride the batch that contains message 4's rows.
         let mut batch = batch(&[7, 8], &["in:4", "in:4"]);
         for unit in ["in:2", "in:3"] {
             batch.rejected.push(Rejected {
