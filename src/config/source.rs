@@ -104,8 +104,8 @@ pub struct SocketSourceConfig {
 pub struct NatsSourceConfig {
     /// The NATS server, such as `nats://127.0.0.1:4222`.
     pub url: String,
-    /// The JetStream stream that holds the input messages; created, capturing
-    /// `subject`, when it does not exist.
+    /// The JetStream stream that contains the input messages. It is created,
+    /// capturing `subject`, when it does not exist.
     pub stream: String,
     /// The subject the input messages are published to.
     pub subject: String,
@@ -117,8 +117,8 @@ pub struct NatsSourceConfig {
     /// hands the message to another daemon, when the consumer is created.
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
-    /// Where a consumer created by the daemon starts: at the first message
-    /// in the stream, or at the first one published after its creation.
+    /// The start of a consumer the daemon creates: the first message in the
+    /// stream, or the first one published after the consumer's creation.
     #[serde(default)]
     pub deliver: NatsDeliver,
     /// Messages fetched from the server at a time.

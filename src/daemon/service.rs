@@ -57,6 +57,30 @@ struct Shared {
     draining: AtomicBool,
 }
 
+impl Shared {
+    /// Records a failed commit or publication: input pauses and the daemon
+    /// is not ready until one succeeds.
+    fn output_failed(&self, reason: &str) {
+        self.metrics.commit_failure();
+        self.commit_failing.store(true, Ordering::Relaxed);
+        self.metrics.set_accepting(false);
+        self.health.set_ready(false, reason);
+    }
+
+    /// Records a successful commit or publication. Returns whether the
+    /// ones before it failed, in which case input resumes.
+    fn output_recovered(&self) -> bool {
+        if !self.commit_failing.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.metrics.set_accepting(true);
+        if !self.draining.load(Ordering::Relaxed) {
+            self.health.set_ready(true, "");
+        }
+        true
+    }
+}
+
 /// The step after a generation ends.
 enum Next {
     Stop,
@@ -582,22 +606,15 @@ async fn publish_until_stored(
     loop {
         match sink.publish(target, &mut unit).await {
             Ok(published) => {
-                if shared.commit_failing.swap(false, Ordering::Relaxed) {
+                if shared.output_recovered() {
                     tracing::info!("publications succeed again; accepting input");
-                    shared.metrics.set_accepting(true);
-                    if !shared.draining.load(Ordering::Relaxed) {
-                        shared.health.set_ready(true, "");
-                    }
                 }
                 return published;
             }
             Err(err) => {
                 let message = error_chain(&err);
                 tracing::error!(error = %message, retry_in_ms = delay.as_millis() as u64, "publication failed; input is paused until it succeeds");
-                shared.metrics.commit_failure();
-                shared.commit_failing.store(true, Ordering::Relaxed);
-                shared.metrics.set_accepting(false);
-                shared.health.set_ready(false, &format!("cannot store output: {message}"));
+                shared.output_failed(&format!("cannot store output: {message}"));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -631,12 +648,8 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
                     shared.metrics.file_committed(kind, *bytes);
                     tracing::info!(file = %path.display(), bytes, "file committed");
                 }
-                if shared.commit_failing.swap(false, Ordering::Relaxed) {
+                if shared.output_recovered() {
                     tracing::info!("commits succeed again; accepting input");
-                    shared.metrics.set_accepting(true);
-                    if !shared.draining.load(Ordering::Relaxed) {
-                        shared.health.set_ready(true, "");
-                    }
                 }
                 shared.durable.send_replace(Arc::new(committed.checkpoint));
                 return;
@@ -644,10 +657,7 @@ async fn commit(sink: &mut RotatingSink, shared: &Shared) {
             Err(err) => {
                 let message = error_chain(&err);
                 tracing::error!(error = %message, retry_in_ms = delay.as_millis() as u64, "commit failed; input is paused until it succeeds");
-                shared.metrics.commit_failure();
-                shared.commit_failing.store(true, Ordering::Relaxed);
-                shared.metrics.set_accepting(false);
-                shared.health.set_ready(false, &format!("cannot commit output: {message}"));
+                shared.output_failed(&format!("cannot commit output: {message}"));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -894,9 +904,12 @@ async fn watch_connections(shared: Arc<Shared>, connections: Vec<(String, async_
                 was_down = false;
                 let servers: Vec<&str> = connections.iter().map(|(url, _)| url.as_str()).collect();
                 tracing::info!(server = %servers.join(", "), "reconnected to the NATS server");
-                shared.metrics.set_accepting(true);
-                if !shared.draining.load(Ordering::Relaxed) && !shared.commit_failing.load(Ordering::Relaxed) {
-                    shared.health.set_ready(true, "");
+                // A failing publication keeps input paused until it succeeds.
+                if !shared.commit_failing.load(Ordering::Relaxed) {
+                    shared.metrics.set_accepting(true);
+                    if !shared.draining.load(Ordering::Relaxed) {
+                        shared.health.set_ready(true, "");
+                    }
                 }
             }
             _ => {}

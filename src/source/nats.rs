@@ -38,6 +38,8 @@ const FETCH_WAIT: Duration = Duration::from_millis(500);
 /// Messages held in memory that did not fit before the first message that
 /// fits; later ones go back to the server.
 const MAX_UNFIT: usize = 64;
+/// How long the server keeps back an unfit message past that limit.
+const UNFIT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Messages handed to the pipeline and not yet acknowledged, by unit name.
 #[derive(Clone, Default)]
@@ -104,6 +106,10 @@ impl NatsSource {
         };
         let stream = open_stream(&context, created, &config.url, "source.stream", "input").await?;
 
+        let deliver = match config.deliver {
+            NatsDeliver::All => DeliverPolicy::All,
+            NatsDeliver::New => DeliverPolicy::New,
+        };
         let consumer_config = pull::Config {
             durable_name: Some(config.consumer.clone()),
             filter_subject: config.subject.clone(),
@@ -112,10 +118,7 @@ impl NatsSource {
             // A message is never given up on: each delivery either stores
             // its output or leaves it for another try.
             max_deliver: -1,
-            deliver_policy: match config.deliver {
-                NatsDeliver::All => DeliverPolicy::All,
-                NatsDeliver::New => DeliverPolicy::New,
-            },
+            deliver_policy: deliver,
             ..Default::default()
         };
         let existed = stream.consumer_info(&config.consumer).await.is_ok();
@@ -150,10 +153,6 @@ impl NatsSource {
                 "the consumer exists with another ack wait, which it keeps; to change it, delete the consumer while no daemon runs, or name a new `consumer`"
             );
         }
-        let deliver = match config.deliver {
-            NatsDeliver::All => DeliverPolicy::All,
-            NatsDeliver::New => DeliverPolicy::New,
-        };
         if existed && info.config.deliver_policy != deliver {
             tracing::warn!(
                 consumer = %config.consumer,
@@ -244,7 +243,7 @@ impl NatsSource {
                     // memory stays bounded.
                     tracing::warn!(input = %unit, reason = %reason, "input message does not fit the pipeline; handed back to the server for a later try");
                     self.runtime.block_on(async {
-                        if let Err(err) = message.ack_with(AckKind::Nak(Some(FETCH_WAIT * 10))).await {
+                        if let Err(err) = message.ack_with(AckKind::Nak(Some(UNFIT_RETRY_DELAY))).await {
                             tracing::warn!(input = %unit, error = %err, "cannot hand the message back; the server redelivers it after the ack wait");
                         }
                     });
